@@ -1,0 +1,63 @@
+# One command set, used by developers, the hook and CI alike.
+#   make up     set everything up (first run: virtualenv, dependencies, Redis, Cassandra jars) and run Sluice
+#   make test   set up the same way and run lint, type checks and the whole test suite on real servers
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+SYNCED := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml | cksum | cut -d' ' -f1)
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+.PHONY: help up test setup deps lint format typecheck pytest down clean
+
+help: ## list the commands
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(UV):
+	@echo "[sluice] installing uv $(UV_VERSION) into $(TOOLS)/ (once)"
+	@$(PYTHON) -m venv $(TOOLS)
+	@$(TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
+
+$(SYNCED): pyproject.toml uv.lock | $(UV)
+	@echo "[sluice] installing Python dependencies from uv.lock into $(VENV)/"
+	@$(UV) sync --frozen --python $(PYTHON)
+	@rm -f $(VENV)/.synced-* && touch $@
+
+deps: $(SYNCED) ## install the locked Python dependencies into .venv
+
+setup: deps ## deps, plus redis-server (apt-get if missing) and Cassandra's jars (mvn, once)
+	@$(PY) -m devstack fetch
+
+up: setup ## run Redis, Cassandra, the API on 127.0.0.1:8000 and a worker, in the foreground
+	@$(PY) -m devstack up
+
+test: setup lint typecheck pytest ## lint, type-check and run every test on real Redis and Cassandra
+
+lint: deps ## ruff lint and format check
+	@echo "[sluice] ruff"
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+
+format: deps ## apply ruff's formatting and fixes
+	@$(VENV)/bin/ruff format .
+	@$(VENV)/bin/ruff check --fix .
+
+typecheck: deps ## mypy --strict on our packages
+	@echo "[sluice] mypy"
+	@$(VENV)/bin/mypy
+
+pytest: deps ## the test suite alone (starts its own Redis and Cassandra on test ports)
+	@$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+down: deps ## stop servers a crashed run left behind
+	@$(PY) -m devstack down
+	@$(PY) -m devstack down --profile test
+
+clean: down ## remove data, caches and the virtualenv
+	rm -rf .data build $(VENV) $(TOOLS) .cache

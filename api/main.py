@@ -1,0 +1,106 @@
+"""The FastAPI app: validates events, queues them through Celery on Redis, serves reads and health."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import TypeAdapter
+
+from api.deps import CassandraHandle, Resources
+from api.errors import install_error_handlers
+from api.publisher import BatchingPublisher, JsonEvent
+from api.responses import JSONResponse
+from api.routes import events, health
+from sluice import keys
+from sluice.events import Event
+from sluice.logs import setup_logging
+from sluice.queue import WRITE_EVENTS, make_celery
+from sluice.settings import Settings, get_settings
+
+log = logging.getLogger("sluice.api")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        celery = make_celery(settings)
+
+        def publish(batch: list[JsonEvent], accepted_at: float, request_ids: list[str]) -> None:
+            celery.send_task(
+                WRITE_EVENTS,
+                args=[batch],
+                kwargs={"accepted_at": accepted_at, "request_ids": request_ids},
+                queue=keys.EVENTS_QUEUE,
+            )
+
+        publisher = BatchingPublisher(
+            publish, max_events=settings.publish_max_events, linger_s=settings.publish_linger_ms / 1000
+        )
+        publisher.start()
+        redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_socket_timeout_s,
+            socket_connect_timeout=settings.redis_socket_timeout_s,
+        )
+        cassandra = CassandraHandle(settings)
+        app.state.resources = Resources(settings=settings, publisher=publisher, cassandra=cassandra, redis=redis)
+        log.info("API ready: queue %s on %s", keys.EVENTS_QUEUE, _safe_url(settings.redis_url))
+        try:
+            yield
+        finally:
+            log.info("API shutting down: publishing what is queued")
+            await publisher.close()
+            await cassandra.close()
+            await redis.aclose()
+            celery.close()
+
+    app = FastAPI(
+        title="Sluice",
+        version="1.0.0",
+        summary="Buffered event ingestion: HTTP in, Celery on Redis, Apache Cassandra out.",
+        default_response_class=JSONResponse,
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(events.router)
+    app.include_router(health.router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus the request-body schemas: the routes parse bodies themselves (to give
+    400/413/415 before validation), so FastAPI cannot see them."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    ref = "#/components/schemas/{model}"
+    event_schema = TypeAdapter(Event).json_schema(ref_template=ref)
+    components.update(event_schema.pop("$defs", {}))
+    components["Event"] = event_schema
+    batch_schema = events.BatchRequest.model_json_schema(ref_template=ref)
+    components.update(batch_schema.pop("$defs", {}))
+    components["BatchRequest"] = batch_schema
+    app.openapi_schema = schema
+    return schema
+
+
+def _safe_url(url: str) -> str:
+    # Never log a password that may be in the Redis URL.
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
+
+
+setup_logging()
+app = create_app()

@@ -1,0 +1,185 @@
+"""Ingest (``POST /v1/events``, ``POST /v1/events/batch``) and read-back (``GET /v1/events/{id}``)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Literal
+from uuid import UUID
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from api.body import read_json
+from api.deps import PublisherDep, SettingsDep, StoreDep
+from api.errors import ApiError, ErrorBody
+from api.publisher import PublishError
+from api.responses import JSONResponse
+from sluice.events import BookingEvent, FieldError, ViewEvent, event_id_of, validate_event
+
+router = APIRouter(prefix="/v1", tags=["events"])
+
+
+class EventResult(BaseModel):
+    index: int
+    event_id: str | None
+    status: Literal["accepted", "rejected"]
+    errors: list[FieldError] = []
+
+
+class IngestResponse(BaseModel):
+    """What a 202 answers: every accepted event is in the queue (written to Redis), not only in memory."""
+
+    accepted: int
+    rejected: int
+    results: list[EventResult]
+
+
+class BatchRequest(BaseModel):
+    events: list[ViewEvent | BookingEvent] = Field(min_length=1, max_length=1000)
+
+
+class StoredEventOut(BaseModel):
+    event_id: UUID
+    type: Literal["view", "booking"]
+    listing_id: int
+    user_id: int
+    occurred_at: str = Field(description="UTC, millisecond precision, as stored")
+    check_in: str | None = None
+    check_out: str | None = None
+    guests: int | None = None
+    total_price: str | None = None
+    currency: str | None = None
+    accepted_at: str | None = Field(default=None, description="When the API acknowledged the event (UTC)")
+
+
+def _errors(status: int, description: str) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorBody, "description": description}}
+
+
+INGEST_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_errors(400, "The body is not valid JSON."),
+    **_errors(413, "The body is larger than SLUICE_MAX_BODY_BYTES (1 MiB by default)."),
+    **_errors(415, "The body is not JSON (Content-Type must be application/json)."),
+    **_errors(422, "No event is valid; details give the path of each bad field."),
+    **_errors(503, "The queue is unavailable; nothing was queued. Retry after Retry-After seconds."),
+}
+
+
+def _body_schema(ref: str) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
+        }
+    }
+
+
+def _batch_error(code: str, message: str, loc: list[str | int], kind: str, msg: str) -> ApiError:
+    return ApiError(422, code, message, [{"loc": loc, "msg": msg, "type": kind}])
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given[:64] if given.isprintable() and given else uuid.uuid4().hex
+
+
+async def _queue(publisher: PublisherDep, events: list[dict[str, Any]], request: Request) -> None:
+    try:
+        await publisher.submit(events, _request_id(request))
+    except PublishError as exc:
+        raise ApiError(503, "queue_unavailable", str(exc), headers={"Retry-After": "1"}) from None
+
+
+@router.post(
+    "/events",
+    status_code=202,
+    response_model=IngestResponse,
+    responses=INGEST_ERRORS,
+    openapi_extra=_body_schema("Event"),
+    summary="Ingest one event",
+)
+async def post_event(request: Request, settings: SettingsDep, publisher: PublisherDep) -> JSONResponse:
+    raw = await read_json(request, settings.max_body_bytes)
+    event = validate_event(raw)
+    if isinstance(event, list):
+        raise ApiError(422, "invalid_event", "the event is invalid", [e.model_dump() for e in event])
+    await _queue(publisher, [event.model_dump(mode="json")], request)
+    event_id = str(event.event_id)
+    return JSONResponse(
+        {
+            "accepted": 1,
+            "rejected": 0,
+            "results": [{"index": 0, "event_id": event_id, "status": "accepted", "errors": []}],
+        },
+        status_code=202,
+    )
+
+
+@router.post(
+    "/events/batch",
+    status_code=202,
+    response_model=IngestResponse,
+    responses=INGEST_ERRORS,
+    openapi_extra=_body_schema("BatchRequest"),
+    summary="Ingest up to 1,000 events; each is judged on its own",
+)
+async def post_batch(request: Request, settings: SettingsDep, publisher: PublisherDep) -> JSONResponse:
+    raw = await read_json(request, settings.max_body_bytes)
+    if not isinstance(raw, dict):
+        raise _batch_error("invalid_batch", 'the body must be an object: {"events": [...]}', [], "dict_type",
+                           "Input should be an object")  # fmt: skip
+    for key in raw:
+        if key != "events":
+            raise _batch_error("invalid_batch", "the batch has an unknown field", [key], "extra_forbidden",
+                               "Extra inputs are not permitted")  # fmt: skip
+    items = raw.get("events")
+    if not isinstance(items, list):
+        raise _batch_error("invalid_batch", '"events" must be an array of events', ["events"], "list_type",
+                           "Input should be a valid list")  # fmt: skip
+    if not items:
+        raise _batch_error("empty_batch", "the batch holds no events", ["events"], "too_short",
+                           "List should have at least 1 item")  # fmt: skip
+    limit = settings.max_batch_events
+    if len(items) > limit:
+        raise _batch_error("batch_too_large", f"a batch holds at most {limit} events", ["events"], "too_long",
+                           f"List should have at most {limit} items, not {len(items)}")  # fmt: skip
+
+    accepted: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    all_errors: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        outcome = validate_event(item, ("events", index))
+        if isinstance(outcome, list):
+            errors = [e.model_dump() for e in outcome]
+            all_errors += errors
+            results.append({"index": index, "event_id": event_id_of(item), "status": "rejected", "errors": errors})
+        else:
+            accepted.append(outcome.model_dump(mode="json"))
+            results.append({"index": index, "event_id": str(outcome.event_id), "status": "accepted", "errors": []})
+    if not accepted:
+        raise ApiError(422, "invalid_events", "no event in the batch is valid", all_errors)
+    await _queue(publisher, accepted, request)
+    return JSONResponse(
+        {"accepted": len(accepted), "rejected": len(items) - len(accepted), "results": results}, status_code=202
+    )
+
+
+@router.get(
+    "/events/{event_id}",
+    response_model=StoredEventOut,
+    responses={
+        **_errors(404, "No event with this id is stored (yet)."),
+        **_errors(422, "The event id is not a UUID."),
+        **_errors(503, "Cassandra is unreachable."),
+    },
+    summary="Read back one stored event",
+)
+async def get_event(event_id: UUID, store: StoreDep) -> JSONResponse:
+    try:
+        stored = await store.get_event(event_id)
+    except Exception as exc:  # noqa: BLE001 - a failed read is the store's fault, not the caller's
+        raise ApiError(503, "store_unavailable", f"reading from Cassandra failed: {exc}",
+                       headers={"Retry-After": "2"}) from None  # fmt: skip
+    if stored is None:
+        raise ApiError(404, "not_found", f"no event {event_id} is stored")
+    return JSONResponse(stored.as_json())

@@ -1,0 +1,22 @@
+"""Every Redis key and queue name Sluice uses, in one place.
+
+Celery's Redis transport keeps a queue as a Redis list named after the queue, and the messages it has
+handed out but not yet acknowledged in a hash plus a sorted set; we name those two explicitly so that
+several Sluice deployments (or a test run beside ``make up``) can never read each other's state.
+"""
+
+from typing import Final
+
+#: The Celery queue (a Redis list) that carries batches of events from the API to the workers.
+EVENTS_QUEUE: Final = "sluice.events"
+
+#: Celery/kombu bookkeeping of delivered-but-unacknowledged messages (restored after the visibility timeout).
+UNACKED: Final = "sluice:unacked"
+UNACKED_INDEX: Final = "sluice:unacked_index"
+UNACKED_MUTEX: Final = "sluice:unacked_mutex"
+
+#: Hash of dead-lettered events: field ``event_id`` (or a message id), value a JSON record with the reason.
+DEAD_LETTERS: Final = "sluice:dead"
+
+#: Counter of events written to Cassandra, used to estimate the drain rate for ``Retry-After``.
+WRITTEN_TOTAL: Final = "sluice:written_total"

@@ -1,0 +1,19 @@
+"""Logging set-up shared by every Sluice process: one line per record, with the process's role."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def setup_logging(level: str | None = None) -> None:
+    level = level or os.environ.get("SLUICE_LOG_LEVEL", "INFO")
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        force=True,
+    )
+    # The driver logs every reconnection attempt at WARNING; keep them, but silence its chatter below that.
+    logging.getLogger("cassandra").setLevel(max(logging.getLogger().level, logging.WARNING))

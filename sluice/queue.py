@@ -1,0 +1,65 @@
+"""The Celery app both sides share: the API publishes to it, the worker consumes from it.
+
+Configured for at-least-once delivery on Redis and nothing else: tasks carry plain JSON, there is no
+result backend, a message is acknowledged only after its events are written (``acks_late``), and a message
+whose worker process died is requeued rather than acknowledged (``task_reject_on_worker_lost``).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from celery import Celery
+
+from sluice import keys
+from sluice.settings import Settings
+
+#: The one task: write a batch of validated events to Cassandra.
+WRITE_EVENTS: Final = "sluice.write_events"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("sluice", broker=settings.redis_url, set_as_current=False)
+    transport = {
+        # Longer than a task can run (task_time_limit), so a slow task is never handed to a second worker.
+        "visibility_timeout": settings.visibility_timeout_s,
+        # Without socket timeouts kombu would block forever on a stalled Redis, and so would the API.
+        "socket_timeout": settings.redis_socket_timeout_s,
+        "socket_connect_timeout": settings.redis_socket_timeout_s,
+        "socket_keepalive": True,
+        "retry_on_timeout": False,
+        "health_check_interval": 10,
+        "unacked_key": keys.UNACKED,
+        "unacked_index_key": keys.UNACKED_INDEX,
+        "unacked_mutex_key": keys.UNACKED_MUTEX,
+    }
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_backend=None,
+        task_ignore_result=True,
+        task_store_errors_even_if_ignored=False,
+        task_default_queue=keys.EVENTS_QUEUE,
+        task_routes={WRITE_EVENTS: {"queue": keys.EVENTS_QUEUE}},
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        # One message per process at a time: with late acks, prefetching more would strand messages.
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit_s,
+        task_soft_time_limit=max(1, settings.task_time_limit_s - 10),
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=settings.redis_socket_timeout_s,
+        # Publishing retries once, quickly: the API would rather answer 503 than hold a request for seconds.
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2},
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_hijack_root_logger=False,
+        # Our handlers write to stderr; Celery's stdout redirection would swallow the pool processes' logs.
+        worker_redirect_stdouts=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_enable_remote_control=True,
+    )
+    return app

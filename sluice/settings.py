@@ -1,0 +1,83 @@
+"""Sluice's settings: one typed class, every value from a ``SLUICE_``-prefixed environment variable.
+
+Read once per process through :func:`get_settings`; the README lists each variable with its default.
+"""
+
+from functools import lru_cache
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ConsistencyName = Literal["ONE", "LOCAL_ONE", "QUORUM", "LOCAL_QUORUM", "EACH_QUORUM", "ALL"]
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLUICE_", extra="ignore", frozen=True)
+
+    # --- Redis (the Celery broker) -------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6380/0"
+    #: Socket timeouts for every Redis call, so a stalled Redis fails a request fast instead of hanging it.
+    redis_socket_timeout_s: float = Field(default=2.0, gt=0)
+
+    # --- Cassandra ---------------------------------------------------------------------------
+    cassandra_contact_points: Annotated[list[str], NoDecode] = ["127.0.0.1"]
+    cassandra_port: int = Field(default=9042, ge=1, le=65535)
+    cassandra_keyspace: str = Field(default="sluice", pattern=r"^[a-z][a-z0-9_]{0,47}$")
+    #: Keyspace replication as JSON, e.g. {"class": "NetworkTopologyStrategy", "dc1": 3} in production.
+    cassandra_replication: dict[str, str | int] = {"class": "SimpleStrategy", "replication_factor": 1}
+    cassandra_local_dc: str | None = None
+    cassandra_consistency: ConsistencyName = "LOCAL_QUORUM"
+    cassandra_username: str | None = None
+    cassandra_password: SecretStr | None = None
+    cassandra_request_timeout_s: float = Field(default=10.0, gt=0)
+    #: Native protocol version: 5 for Cassandra 5.0, 4 for Amazon Keyspaces.
+    cassandra_protocol_version: int = Field(default=5, ge=3, le=5)
+
+    # --- API ---------------------------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    #: Uvicorn worker processes; each runs its own event loop and publisher.
+    api_workers: int = Field(default=1, ge=1)
+    #: Largest request body accepted, in bytes; larger bodies get 413 before they are read whole.
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    #: Most events in one POST /v1/events/batch.
+    max_batch_events: int = Field(default=1000, ge=1, le=10_000)
+    #: Most events the API packs into one queued task; concurrent requests share a task up to this size.
+    publish_max_events: int = Field(default=500, ge=1)
+    #: How long the API waits for more concurrent requests before publishing a task, in milliseconds.
+    publish_linger_ms: float = Field(default=2.0, ge=0)
+
+    # --- Worker ------------------------------------------------------------------------------
+    #: Worker processes per ``python -m worker`` (Celery prefork pool).
+    worker_concurrency: int = Field(default=2, ge=1)
+    #: Cassandra writes in flight at once per worker process.
+    write_concurrency: int = Field(default=64, ge=1, le=1024)
+    #: Attempts of a task before its events are dead-lettered.
+    task_max_retries: int = Field(default=8, ge=0)
+    task_retry_backoff_s: float = Field(default=1.0, gt=0)
+    task_retry_backoff_max_s: float = Field(default=60.0, gt=0)
+    #: Hard limit on one task run; must stay below the visibility timeout so a task never runs twice at once.
+    task_time_limit_s: int = Field(default=120, ge=1)
+    #: Seconds a delivered message may stay unacknowledged before Redis hands it to another worker.
+    visibility_timeout_s: int = Field(default=300, ge=2)
+
+    _split_contact_points = field_validator("cassandra_contact_points", mode="before")(_split_csv)
+
+    def model_post_init(self, __context: object) -> None:
+        if self.task_time_limit_s >= self.visibility_timeout_s:
+            raise ValueError(
+                "SLUICE_TASK_TIME_LIMIT_S must be below SLUICE_VISIBILITY_TIMEOUT_S, "
+                "or a slow task would be handed to a second worker while it still runs"
+            )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

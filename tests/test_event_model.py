@@ -1,0 +1,89 @@
+"""The event contract (v1): what is valid, and the path of each field that is not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sluice.events import BookingEvent, ViewEvent, validate_event
+from tests.support import booking, view
+
+
+def errors_of(raw: Any) -> list[tuple[tuple[str | int, ...], str]]:
+    outcome = validate_event(raw)
+    assert isinstance(outcome, list), f"expected errors, got {outcome!r}"
+    return [(tuple(e.loc), e.type) for e in outcome]
+
+
+def test_valid_view_and_booking() -> None:
+    assert isinstance(validate_event(view()), ViewEvent)
+    stored = validate_event(booking())
+    assert isinstance(stored, BookingEvent)
+    assert stored.total_price == "449.70"
+    assert stored.occurred_at.utcoffset() is not None
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error_type"),
+    [
+        ("listing_id", "5", "int_type"),
+        ("listing_id", True, "int_type"),
+        ("listing_id", 0, "greater_than"),
+        ("listing_id", 2**63, "less_than_equal"),
+        ("user_id", 1.5, "int_type"),
+        ("event_id", "not-a-uuid", "uuid_parsing"),
+        ("event_id", 12345, "value_error"),
+        ("occurred_at", "2026-11-25T09:30:00", "timezone_aware"),
+        ("occurred_at", 1_764_000_000, "value_error"),
+        ("occurred_at", "yesterday", "datetime_from_date_parsing"),
+    ],
+)
+def test_strict_fields_on_a_view(field: str, value: Any, error_type: str) -> None:
+    assert errors_of(view(**{field: value})) == [((field,), error_type)]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error_type"),
+    [
+        ("guests", 0, "greater_than_equal"),
+        ("guests", 51, "less_than_equal"),
+        ("guests", "2", "int_type"),
+        ("total_price", "-1.00", "string_pattern_mismatch"),
+        ("total_price", 12.5, "string_type"),
+        ("total_price", "1e3", "string_pattern_mismatch"),
+        ("currency", "eur", "string_pattern_mismatch"),
+        ("check_in", "2026-02-30", "date_from_datetime_parsing"),
+    ],
+)
+def test_strict_fields_on_a_booking(field: str, value: Any, error_type: str) -> None:
+    assert errors_of(booking(**{field: value})) == [((field,), error_type)]
+
+
+def test_check_out_must_follow_check_in() -> None:
+    problems = validate_event(booking(check_in="2026-12-04", check_out="2026-12-04"))
+    assert isinstance(problems, list)
+    assert problems[0].msg == "check_out must be after check_in"
+
+
+def test_unknown_fields_and_booking_fields_on_a_view_are_refused() -> None:
+    assert errors_of(view(colour="red")) == [(("colour",), "extra_forbidden")]
+    assert errors_of(view(guests=2)) == [(("guests",), "extra_forbidden")]
+
+
+def test_missing_fields_and_unknown_type() -> None:
+    assert errors_of(booking(check_in=None) | {}) == [(("check_in",), "value_error")]
+    raw = booking()
+    del raw["currency"]
+    assert errors_of(raw) == [(("currency",), "missing")]
+    assert errors_of(view(type="click")) == [(("type",), "union_tag_invalid")]
+    missing_type = view()
+    del missing_type["type"]
+    assert errors_of(missing_type) == [(("type",), "union_tag_not_found")]
+    assert errors_of([1, 2]) == [((), "model_attributes_type")]
+
+
+def test_paths_are_prefixed_for_batches() -> None:
+    outcome = validate_event(view(user_id="7"), ("events", 3))
+    assert isinstance(outcome, list)
+    assert outcome[0].loc == ["events", 3, "user_id"]

@@ -1,0 +1,35 @@
+"""``python -m worker``: run a Celery worker on the events queue.
+
+Extra arguments go to ``celery worker`` (e.g. ``python -m worker --concurrency 4``). SIGTERM is a warm
+shutdown: the batch in flight is finished and acknowledged before the process exits.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from sluice import keys
+from sluice.logs import setup_logging
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    from worker.app import app, settings
+
+    args = argv if argv is not None else sys.argv[1:]
+    defaults = [
+        "worker",
+        "--queues", keys.EVENTS_QUEUE,
+        "--loglevel", os.environ.get("SLUICE_LOG_LEVEL", "INFO"),
+        "--without-gossip",
+        "--without-mingle",
+        "--hostname", f"sluice-worker-{os.getpid()}@%h",
+    ]  # fmt: skip
+    if not any(a.startswith(("--concurrency", "-c")) for a in args):
+        defaults += ["--concurrency", str(settings.worker_concurrency)]
+    app.worker_main(defaults + args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The Celery worker app and its per-process clients.
+
+Each worker process opens its own Cassandra session after the fork (``worker_process_init``): a driver
+session holds sockets and I/O threads that must never be shared across processes. It is closed when the
+process shuts down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import redis
+from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
+
+from sluice.cassandra import Store
+from sluice.queue import make_celery
+from sluice.settings import get_settings
+from worker.writer import EventWriter
+
+log = logging.getLogger("sluice.worker")
+
+settings = get_settings()
+app = make_celery(settings)
+
+
+class _ProcessClients:
+    """Clients of the current process, (re)made when first used in a new process."""
+
+    def __init__(self) -> None:
+        self._pid = 0
+        self._writer: EventWriter | None = None
+        self._redis: redis.Redis | None = None
+
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():
+            # Inherited from a parent across fork: unusable here, and must not be closed from here either.
+            self._writer = None
+            self._redis = None
+            self._pid = os.getpid()
+
+    @property
+    def writer(self) -> EventWriter:
+        self._check_pid()
+        if self._writer is None:
+            store = Store.open(settings)
+            self._writer = EventWriter(store, settings.write_concurrency)
+            log.info("process %d connected to Cassandra at %s", os.getpid(), settings.cassandra_contact_points)
+        return self._writer
+
+    @property
+    def redis(self) -> redis.Redis:
+        self._check_pid()
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(
+                settings.redis_url,
+                socket_timeout=settings.redis_socket_timeout_s,
+                socket_connect_timeout=settings.redis_socket_timeout_s,
+            )
+        return self._redis
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            if self._writer is not None:
+                self._writer.store.close()
+            if self._redis is not None:
+                self._redis.close()
+        self._writer = None
+        self._redis = None
+
+
+clients = _ProcessClients()
+
+
+@worker_process_init.connect
+def _open_clients(**_: Any) -> None:
+    try:
+        clients.writer  # noqa: B018 - connect now, not on the first task
+    except Exception as exc:  # noqa: BLE001 - Cassandra may be down; tasks retry and connect later
+        log.warning("Cassandra not reachable at start (tasks will retry): %s", exc)
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _close_clients(**_: Any) -> None:
+    clients.close()
+
+
+# Registers the tasks on ``app``.
+from worker import tasks  # noqa: E402,F401
