@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import orjson
@@ -36,6 +38,49 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     if not body:
         raise ApiError(400, "malformed_json", "the request body is empty; expected a JSON document")
     try:
-        return orjson.loads(body)
+        value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, "malformed_json", f"the request body is not valid JSON: {exc}") from None
+    _refuse_duplicate_keys(body, value)
+    return value
+
+
+# Every object key is a string followed by a colon, so this matches at least once per key (and more only
+# where a string value happens to hold an escaped quote before a colon).
+_KEY_TOKEN = re.compile(rb'"[ \t\r\n]*:')
+
+
+def _refuse_duplicate_keys(body: bytes, value: Any) -> None:
+    """400 for ``{"a": 1, "a": 2}``: which value a parser keeps is up to the parser, so we keep neither.
+
+    Fast path: if the body has exactly as many key tokens as the parsed objects have keys, no key can have
+    been repeated (a repeat collapses two tokens into one key). Only otherwise parse again, slowly, to find
+    the repeated key."""
+    if len(_KEY_TOKEN.findall(body)) == _count_keys(value):
+        return
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ApiError(400, "duplicate_key", f"the request body repeats the key {key[:100]!r} in one object")
+            seen.add(key)
+        return dict(pairs)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs_hook)
+    except RecursionError:
+        raise ApiError(400, "malformed_json", "the request body is nested too deeply") from None
+
+
+def _count_keys(value: Any) -> int:
+    count = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            count += len(item)
+            stack.extend(v for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend(v for v in item if isinstance(v, dict | list))
+    return count

@@ -10,9 +10,13 @@ from typing import Annotated
 
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from api.auth import ApiKeys
+from api.backpressure import QueueMonitor
 from api.errors import ApiError
 from api.publisher import BatchingPublisher
+from api.ratelimit import RateLimiter, retry_after_header
 from sluice.cassandra import Store
 from sluice.settings import Settings
 
@@ -67,6 +71,9 @@ class Resources:
     publisher: BatchingPublisher
     cassandra: CassandraHandle
     redis: aioredis.Redis
+    api_keys: ApiKeys
+    limiter: RateLimiter
+    monitor: QueueMonitor
 
 
 def _resources(request: Request) -> Resources:
@@ -85,6 +92,48 @@ def _publisher(request: Request) -> BatchingPublisher:
 async def _store(request: Request) -> Store:
     return await _resources(request).cassandra.get()
 
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from SLUICE_API_KEYS.")
+
+
+def _authorize(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    """The caller's key id; 401 without a valid key, 429 over the key's rate limit."""
+    resources = _resources(request)
+    key_id = resources.api_keys.identify(credentials.credentials) if credentials else None
+    if key_id is None:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "a valid API key is required: Authorization: Bearer <key>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    wait = resources.limiter.admit(key_id)
+    if wait is not None:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"over {resources.settings.rate_limit_per_s} requests per second for this API key",
+            headers={"Retry-After": retry_after_header(wait)},
+        )
+    return key_id
+
+
+def _queue_has_room(request: Request) -> None:
+    monitor = _resources(request).monitor
+    retry = monitor.retry_after()
+    if retry is not None:
+        raise ApiError(
+            503,
+            "queue_full",
+            f"the queue holds {monitor.depth} messages, over its limit of {monitor.max_depth}; retry later",
+            headers={"Retry-After": str(retry)},
+        )
+
+
+#: Router-level: every /v1 route needs a valid API key and stays within the key's rate limit.
+AUTHORIZED = Depends(_authorize)
+#: Ingest routes: refuse with 503 while the queue is over its limit.
+QUEUE_HAS_ROOM = Depends(_queue_has_room)
 
 ResourcesDep = Annotated[Resources, Depends(_resources)]
 SettingsDep = Annotated[Settings, Depends(_settings)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,9 +13,12 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import TypeAdapter
 
+from api.auth import ApiKeys
+from api.backpressure import QueueMonitor
 from api.deps import CassandraHandle, Resources
 from api.errors import install_error_handlers
 from api.publisher import BatchingPublisher, JsonEvent
+from api.ratelimit import RateLimiter
 from api.responses import JSONResponse
 from api.routes import events, health
 from sluice import keys
@@ -31,7 +35,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        celery = make_celery(settings)
+        api_keys = ApiKeys(settings.api_keys)  # refuses to start without a key
+        celery = make_celery(settings, publisher=True)
 
         def publish(batch: list[JsonEvent], accepted_at: float, request_ids: list[str]) -> None:
             celery.send_task(
@@ -51,12 +56,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_connect_timeout=settings.redis_socket_timeout_s,
         )
         cassandra = CassandraHandle(settings)
-        app.state.resources = Resources(settings=settings, publisher=publisher, cassandra=cassandra, redis=redis)
+        limiter = RateLimiter(redis, settings.rate_limit_per_s)
+        monitor = QueueMonitor(redis, settings.max_queue_depth)
+        background = [
+            asyncio.create_task(limiter.run(), name="sluice-ratelimit"),
+            asyncio.create_task(monitor.run(), name="sluice-queue-monitor"),
+        ]
+        app.state.resources = Resources(
+            settings=settings, publisher=publisher, cassandra=cassandra, redis=redis,
+            api_keys=api_keys, limiter=limiter, monitor=monitor,
+        )  # fmt: skip
         log.info("API ready: queue %s on %s", keys.EVENTS_QUEUE, _safe_url(settings.redis_url))
         try:
             yield
         finally:
             log.info("API shutting down: publishing what is queued")
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await publisher.close()
             await cassandra.close()
             await redis.aclose()

@@ -28,7 +28,25 @@ PublishFn = Callable[[list[JsonEvent], float, list[str]], None]
 
 
 class PublishError(RuntimeError):
-    """The events could not be written to the queue; none of this request's events were queued."""
+    """The events could not be written to the queue.
+
+    ``definite`` says the events are certainly not queued (Redis refused the connection or the command).
+    Otherwise the outcome is unknown: the command may have reached Redis before the connection failed, so
+    the client should retry with the same event ids, which is safe.
+    """
+
+    def __init__(self, message: str, *, definite: bool) -> None:
+        super().__init__(message)
+        self.definite = definite
+
+
+def _is_definite(exc: BaseException) -> bool:
+    """True when the failure happened before Redis could have applied the publish."""
+    text = str(exc).lower()
+    if isinstance(exc, ConnectionRefusedError) or "connection refused" in text or "error 111" in text:
+        return True
+    # Redis answered with an error (e.g. out of memory under noeviction): it did not apply the command.
+    return type(exc).__name__ == "ResponseError" or "command not allowed when used memory" in text
 
 
 @dataclass
@@ -39,6 +57,9 @@ class _Pending:
 
 
 class BatchingPublisher:
+    #: How long requests fail fast after a failed publish, before the next publish tries Redis again.
+    FAIL_FAST_S = 0.25
+
     def __init__(self, publish: PublishFn, *, max_events: int, linger_s: float) -> None:
         self._publish = publish
         self._max_events = max_events
@@ -51,6 +72,9 @@ class BatchingPublisher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-publish")
         self._runner: asyncio.Task[None] | None = None
         self._closing = False
+        # After a failed publish, fail fast for a moment rather than pile requests onto a Redis that is away.
+        self._unavailable_until = 0.0
+        self._last_error = ""
 
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="sluice-publisher")
@@ -58,7 +82,9 @@ class BatchingPublisher:
     async def submit(self, events: list[JsonEvent], request_id: str) -> None:
         """Return once ``events`` are in Redis; raise :class:`PublishError` if they could not be queued."""
         if self._closing:
-            raise PublishError("the API is shutting down")
+            raise PublishError("the API is shutting down", definite=True)
+        if time.monotonic() < self._unavailable_until:
+            raise PublishError(f"the queue is unavailable: {self._last_error}", definite=True)
         item = _Pending(events, request_id)
         self._queue.append(item)
         self._queued_events += len(events)
@@ -98,7 +124,9 @@ class BatchingPublisher:
                 )
             except Exception as exc:  # noqa: BLE001 - every failure is reported to the waiting requests
                 log.warning("publishing %d events failed: %r", len(events), exc)
-                error = PublishError(f"could not queue events: {exc}")
+                self._unavailable_until = time.monotonic() + self.FAIL_FAST_S
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                error = PublishError(f"could not queue events: {self._last_error}", definite=_is_definite(exc))
                 for item in batch:
                     if not item.done.done():
                         item.done.set_exception(error)

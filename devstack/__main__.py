@@ -11,12 +11,15 @@ Ctrl-C or SIGTERM stops everything in order: API and worker first (warm shutdown
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from types import FrameType
 
 from devstack import PROFILES, PROJECT, Profile, Servers, StackError, fetch_jars, say
@@ -64,6 +67,16 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> 
     raise StackError(f"the API did not answer {url} within {timeout:.0f} s (its log is above)")
 
 
+def local_api_key(profile: Profile) -> str:
+    """The API key of local runs: made once, kept in the profile's (git-ignored) data folder."""
+    path = profile.root / "api-key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(24))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
 def up(profile: Profile) -> int:
     started = time.monotonic()
     servers = Servers(profile)
@@ -72,7 +85,14 @@ def up(profile: Profile) -> int:
     signal.signal(signal.SIGINT, _raise_stop)
     try:
         servers.start()
-        env = {**os.environ, **profile.service_env(), "SLUICE_API_PORT": str(profile.api_port), "PYTHONUNBUFFERED": "1"}
+        api_key = local_api_key(profile)
+        env = {
+            **os.environ,
+            **profile.service_env(),
+            "SLUICE_API_PORT": str(profile.api_port),
+            "SLUICE_API_KEYS": os.environ.get("SLUICE_API_KEYS") or api_key,
+            "PYTHONUNBUFFERED": "1",
+        }
         say("applying the Cassandra schema (python -m sluice.schema)")
         subprocess.run([sys.executable, "-m", "sluice.schema"], env=env, cwd=PROJECT, check=True)
         services.append(("worker", _service("worker", [sys.executable, "-m", "worker"], env)))
@@ -84,6 +104,15 @@ def up(profile: Profile) -> int:
         say(f"  API      {base}   (docs: {base}/docs, OpenAPI: {base}/openapi.json)")
         say(f"  Redis    redis://127.0.0.1:{profile.redis_port}   log: {servers.redis and servers.redis.log_path}")
         say(f"  Cassandra 127.0.0.1:{profile.cassandra_port}   log: {servers.cassandra and servers.cassandra.log_path}")
+        say(f"  API key  {api_key}   (kept in {profile.root / 'api-key'})")
+        say("  try it:")
+        print(
+            f"curl -i -X POST {base}/v1/events -H 'Authorization: Bearer {api_key}' "
+            "-H 'Content-Type: application/json' "
+            f"""-d '{{"event_id": "{uuid.uuid4()}", "type": "view", "listing_id": 42, "user_id": 7, """
+            f""""occurred_at": "{dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}"}}'""",
+            flush=True,
+        )
         say("  Ctrl-C stops everything.")
         while True:
             for name, proc in services:

@@ -24,6 +24,7 @@ from pydantic import (
     StrictStr,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 
@@ -39,6 +40,29 @@ def _must_be_string(value: Any) -> Any:
     return value
 
 
+#: No event, stay or booking date before this (nor timestamps that would need negative write timestamps).
+EARLIEST = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+LATEST_DAY = dt.date(2199, 12, 31)
+
+
+def _in_time_range(value: dt.datetime, info: ValidationInfo) -> dt.datetime:
+    if value < EARLIEST:
+        raise ValueError("must not be before 2000-01-01T00:00:00Z")
+    # The API passes its clock and the allowed skew; the worker, judging an event already accepted, does not.
+    context = info.context or {}
+    if "max_future_s" in context:
+        limit = context["now"] + dt.timedelta(seconds=context["max_future_s"])
+        if value > limit:
+            raise ValueError(f"must not be more than {context['max_future_s']} s in the future")
+    return value
+
+
+def _day_in_range(value: dt.date) -> dt.date:
+    if not EARLIEST.date() <= value <= LATEST_DAY:
+        raise ValueError("must be between 2000-01-01 and 2199-12-31")
+    return value
+
+
 def _non_negative_decimal(value: str) -> str:
     if Decimal(value) < 0:  # the pattern already guarantees a plain decimal literal
         raise ValueError("must not be negative")
@@ -47,8 +71,8 @@ def _non_negative_decimal(value: str) -> str:
 
 Identifier = Annotated[StrictInt, Field(gt=0, le=_MAX_ID)]
 EventId = Annotated[UUID, BeforeValidator(_must_be_string)]
-Timestamp = Annotated[AwareDatetime, BeforeValidator(_must_be_string)]
-Day = Annotated[dt.date, BeforeValidator(_must_be_string)]
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_must_be_string), AfterValidator(_in_time_range)]
+Day = Annotated[dt.date, BeforeValidator(_must_be_string), AfterValidator(_day_in_range)]
 Price = Annotated[
     StrictStr,
     Field(pattern=r"^[0-9]{1,12}(\.[0-9]{1,4})?$", examples=["149.90"]),
@@ -103,10 +127,16 @@ class FieldError(BaseModel):
     type: str
 
 
-def validate_event(raw: Any, loc_prefix: tuple[str | int, ...] = ()) -> ViewEvent | BookingEvent | list[FieldError]:
-    """Validate one decoded JSON event: the event, or the list of what is wrong with it."""
+def validate_event(
+    raw: Any, loc_prefix: tuple[str | int, ...] = (), *, max_future_s: int | None = None
+) -> ViewEvent | BookingEvent | list[FieldError]:
+    """Validate one decoded JSON event: the event, or the list of what is wrong with it.
+
+    ``max_future_s`` bounds how far ``occurred_at`` may lie ahead of our clock (the API sets it).
+    """
+    context = None if max_future_s is None else {"now": dt.datetime.now(dt.UTC), "max_future_s": max_future_s}
     try:
-        return EVENT_ADAPTER.validate_python(raw)
+        return EVENT_ADAPTER.validate_python(raw, context=context)
     except ValidationError as exc:
         return [_field_error(err, loc_prefix) for err in exc.errors(include_url=False, include_input=False)]
 
@@ -128,6 +158,7 @@ def event_id_of(raw: Any) -> str | None:
     """The ``event_id`` a client sent, even for an invalid event, so it can match results to its events."""
     if isinstance(raw, dict):
         value = raw.get("event_id")
-        if isinstance(value, str):
+        # Echo only what could be an id: a hostile client must not get a megabyte string sent back.
+        if isinstance(value, str) and len(value) <= 64 and value.isprintable():
             return value
     return None

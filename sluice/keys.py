@@ -20,3 +20,9 @@ DEAD_LETTERS: Final = "sluice:dead"
 
 #: Counter of events written to Cassandra, used to estimate the drain rate for ``Retry-After``.
 WRITTEN_TOTAL: Final = "sluice:written_total"
+
+#: Messages the workers have finished (written or dead-lettered): its rate is the drain rate behind Retry-After.
+DRAINED_MESSAGES: Final = "sluice:drained_messages"
+
+#: Per API key and one-second window: requests admitted by all API processes (``{prefix}{key_id}:{window}``).
+RATE_LIMIT_PREFIX: Final = "sluice:ratelimit:"

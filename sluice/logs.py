@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
+
+from sluice.settings import get_settings
 
 
 def setup_logging(level: str | None = None) -> None:
-    level = level or os.environ.get("SLUICE_LOG_LEVEL", "INFO")
+    level = level or get_settings().log_level
     logging.basicConfig(
         level=level.upper(),
         stream=sys.stderr,

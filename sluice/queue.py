@@ -18,14 +18,17 @@ from sluice.settings import Settings
 WRITE_EVENTS: Final = "sluice.write_events"
 
 
-def make_celery(settings: Settings) -> Celery:
+def make_celery(settings: Settings, *, publisher: bool = False) -> Celery:
+    """The shared Celery app. ``publisher=True`` configures the API's side: a short socket timeout and no
+    publish retry, so a Redis that is away turns into a fast 503 rather than a request held for seconds."""
     app = Celery("sluice", broker=settings.redis_url, set_as_current=False)
+    socket_timeout = settings.publish_timeout_s if publisher else settings.redis_socket_timeout_s
     transport = {
         # Longer than a task can run (task_time_limit), so a slow task is never handed to a second worker.
         "visibility_timeout": settings.visibility_timeout_s,
         # Without socket timeouts kombu would block forever on a stalled Redis, and so would the API.
-        "socket_timeout": settings.redis_socket_timeout_s,
-        "socket_connect_timeout": settings.redis_socket_timeout_s,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
         "socket_keepalive": True,
         "retry_on_timeout": False,
         "health_check_interval": 10,
@@ -50,10 +53,10 @@ def make_celery(settings: Settings) -> Celery:
         task_soft_time_limit=max(1, settings.task_time_limit_s - 10),
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
-        broker_connection_timeout=settings.redis_socket_timeout_s,
-        # Publishing retries once, quickly: the API would rather answer 503 than hold a request for seconds.
-        task_publish_retry=True,
-        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2},
+        broker_connection_timeout=socket_timeout,
+        # The API does not retry a publish: the client retries on 503, with the same event ids.
+        task_publish_retry=not publisher,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
         worker_send_task_events=False,
         task_send_sent_event=False,
         worker_hijack_root_logger=False,

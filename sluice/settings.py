@@ -53,6 +53,17 @@ class Settings(BaseSettings):
     publish_max_events: int = Field(default=500, ge=1)
     #: How long the API waits for more concurrent requests before publishing a task, in milliseconds.
     publish_linger_ms: float = Field(default=2.0, ge=0)
+    #: Socket timeout of the API's publish to Redis: a stalled Redis turns into a fast 503, not a hang.
+    publish_timeout_s: float = Field(default=0.5, gt=0)
+    #: API keys accepted in ``Authorization: Bearer <key>``, comma-separated. Required: the API will not
+    #: start without one. ``make up`` creates a local key in .data/dev/api-key.
+    api_keys: SecretStr = SecretStr("")
+    #: Requests per second allowed per API key (shared by all API processes through Redis), and the burst.
+    rate_limit_per_s: int = Field(default=10_000, ge=1)
+    #: Queue depth (messages in Redis) above which the API answers 503 with Retry-After instead of queueing.
+    max_queue_depth: int = Field(default=20_000, ge=1)
+    #: How far in the future ``occurred_at`` may lie (clock skew between clients and us), in seconds.
+    max_clock_skew_s: int = Field(default=300, ge=0)
 
     # --- Worker ------------------------------------------------------------------------------
     #: Worker processes per ``python -m worker`` (Celery prefork pool).
@@ -67,6 +78,17 @@ class Settings(BaseSettings):
     task_time_limit_s: int = Field(default=120, ge=1)
     #: Seconds a delivered message may stay unacknowledged before Redis hands it to another worker.
     visibility_timeout_s: int = Field(default=300, ge=2)
+
+    #: Log level of every Sluice process.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # --- CloudWatch publisher (python -m worker.cloudwatch, beside the workers on AWS) ------------
+    cloudwatch_namespace: str = "Sluice"
+    #: Value of the ``Environment`` dimension on every metric.
+    cloudwatch_environment: str = "local"
+    cloudwatch_interval_s: float = Field(default=10.0, gt=0)
+    #: CloudWatch endpoint override (tests, VPC endpoints); unset means AWS's default.
+    cloudwatch_endpoint_url: str | None = None
 
     _split_contact_points = field_validator("cassandra_contact_points", mode="before")(_split_csv)
 

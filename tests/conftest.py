@@ -18,7 +18,7 @@ from devstack import PROFILES, Profile, Servers
 from sluice import keys
 from sluice.cassandra import apply_schema, connect
 from sluice.settings import Settings
-from tests.support import Service, start_api, start_worker
+from tests.support import AUTH, Service, start_api, start_worker
 
 PROFILE = PROFILES["test"]
 
@@ -84,9 +84,36 @@ def worker(cassandra: Session, profile: Profile, log_dir: Path) -> Iterator[Serv
 
 
 @pytest.fixture
-def client(api: Service, profile: Profile) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=f"http://127.0.0.1:{profile.api_port}", timeout=10) as c:
+def client(api: Service) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=api.base_url, timeout=10, headers=AUTH) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def isolated_api(cassandra: Session, profile: Profile, log_dir: Path) -> Iterator[Service]:
+    """An API publishing to Redis database 1, where no worker consumes: what it queues stays countable."""
+    service = start_api(
+        profile, log_dir, name="api-db1", SLUICE_API_PORT=str(profile.api_port + 1),
+        SLUICE_REDIS_URL=f"redis://127.0.0.1:{profile.redis_port}/1",
+    )  # fmt: skip
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def isolated_client(isolated_api: Service) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=isolated_api.base_url, timeout=10, headers=AUTH) as c:
+        yield c
+
+
+@pytest.fixture
+def isolated_queue(servers: Servers, profile: Profile) -> Iterator[redis.Redis]:
+    """The queue the isolated API publishes to, empty at the start of the test."""
+    client = redis.Redis(port=profile.redis_port, db=1)
+    client.delete(keys.EVENTS_QUEUE)
+    yield client
+    client.delete(keys.EVENTS_QUEUE)
+    client.close()
 
 
 @pytest.fixture

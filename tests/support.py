@@ -55,6 +55,7 @@ class Service:
 
     def __init__(self, name: str, module: str, env: dict[str, str], log_dir: Path, args: Iterable[str] = ()) -> None:
         self.name = name
+        self.base_url = ""
         self.log_path = log_dir / f"{name}.log"
         log_dir.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
@@ -85,16 +86,36 @@ class Service:
         return self.proc.returncode
 
 
+#: The API key of test runs (never a real secret).
+TEST_KEY = "test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
+
+#: Shorter than the defaults so fault tests settle in seconds: a lost message is handed out again after
+#: 20 s instead of 5 minutes, and retries back off from 0.5 s up to 4 s.
+TEST_TIMINGS = {
+    "SLUICE_VISIBILITY_TIMEOUT_S": "20",
+    "SLUICE_TASK_TIME_LIMIT_S": "15",
+    "SLUICE_TASK_RETRY_BACKOFF_S": "0.5",
+    "SLUICE_TASK_RETRY_BACKOFF_MAX_S": "4",
+}
+
+
 def service_env(profile: Profile, **extra: str) -> dict[str, str]:
-    return profile.service_env() | {"SLUICE_API_PORT": str(profile.api_port), "SLUICE_LOG_LEVEL": "INFO"} | extra
+    return (
+        profile.service_env()
+        | TEST_TIMINGS
+        | {"SLUICE_API_PORT": str(profile.api_port), "SLUICE_LOG_LEVEL": "INFO", "SLUICE_API_KEYS": TEST_KEY}
+        | extra
+    )
 
 
 def start_api(profile: Profile, log_dir: Path, name: str = "api", **env: str) -> Service:
     api = Service(name, "api", service_env(profile, **env), log_dir)
-    base = f"http://127.0.0.1:{env.get('SLUICE_API_PORT', profile.api_port)}"
+    base = api.base_url = f"http://127.0.0.1:{env.get('SLUICE_API_PORT', profile.api_port)}"
 
     def healthy() -> bool:
         if api.proc.poll() is not None:
+            api.stop()
             raise AssertionError(f"API exited with {api.proc.returncode}:\n{api.log_text()[-3000:]}")
         try:
             return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
@@ -112,6 +133,7 @@ def start_worker(
 
     def ready() -> bool:
         if worker.proc.poll() is not None:
+            worker.stop()
             raise AssertionError(f"worker exited with {worker.proc.returncode}:\n{worker.log_text()[-3000:]}")
         return " ready." in worker.log_text()
 

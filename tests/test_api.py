@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis
-from cassandra.cluster import Session
 
-from devstack import Profile, Servers
 from sluice import keys
-from tests.support import booking, start_api, view
+from tests.support import booking, view
 
 JSON = {"content-type": "application/json"}
 
@@ -30,31 +27,14 @@ def queued(client: redis.Redis) -> int:
     return int(client.llen(keys.EVENTS_QUEUE))
 
 
-@pytest.fixture(scope="module")
-def isolated_api(cassandra: Session, profile: Profile, log_dir: Path) -> Iterator[str]:
-    """An API publishing to Redis database 1, where no worker consumes: what it queues stays countable."""
-    port = profile.api_port + 1
-    service = start_api(
-        profile, log_dir, name="api-db1", SLUICE_API_PORT=str(port),
-        SLUICE_REDIS_URL=f"redis://127.0.0.1:{profile.redis_port}/1",
-    )  # fmt: skip
-    yield f"http://127.0.0.1:{port}"
-    service.stop()
+@pytest.fixture
+def client(isolated_client: httpx.Client) -> httpx.Client:
+    return isolated_client
 
 
 @pytest.fixture
-def client(isolated_api: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=isolated_api, timeout=10) as c:
-        yield c
-
-
-@pytest.fixture
-def paused_queue(servers: Servers, profile: Profile) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=profile.redis_port, db=1)
-    client.delete(keys.EVENTS_QUEUE)
-    yield client
-    client.delete(keys.EVENTS_QUEUE)
-    client.close()
+def paused_queue(isolated_queue: redis.Redis) -> redis.Redis:
+    return isolated_queue
 
 
 def test_single_event_is_accepted_and_queued(client: httpx.Client, paused_queue: redis.Redis) -> None:

@@ -16,7 +16,7 @@ from devstack import Profile, Servers
 from sluice import keys
 from sluice.queue import WRITE_EVENTS, make_celery
 from sluice.settings import Settings
-from tests.support import Service, booking, start_worker, stored_rows, utc, view, wait_until
+from tests.support import AUTH, Service, booking, start_worker, stored_rows, utc, view, wait_until
 
 
 def count_stored(session: Session, event_ids: list[str]) -> int:
@@ -30,7 +30,7 @@ def test_thousand_events_are_stored_exactly_once(
 
     async def post_all() -> list[int]:
         limits = httpx.Limits(max_connections=50)
-        async with httpx.AsyncClient(base_url=str(client.base_url), limits=limits, timeout=10) as ac:
+        async with httpx.AsyncClient(base_url=str(client.base_url), limits=limits, timeout=10, headers=AUTH) as ac:
             singles = [ac.post("/v1/events", json=e) for e in events[:500]]
             batches = [ac.post("/v1/events/batch", json={"events": events[i : i + 100]}) for i in range(500, 1000, 100)]
             responses = await asyncio.gather(*singles, *batches)

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     defaults = [
         "worker",
         "--queues", keys.EVENTS_QUEUE,
-        "--loglevel", os.environ.get("SLUICE_LOG_LEVEL", "INFO"),
+        "--loglevel", settings.log_level,
         "--without-gossip",
         "--without-mingle",
         "--hostname", f"sluice-worker-{os.getpid()}@%h",

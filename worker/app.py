@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import redis
+from celery import bootsteps
 from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 
 from sluice.cassandra import Store
@@ -23,6 +24,8 @@ log = logging.getLogger("sluice.worker")
 
 settings = get_settings()
 app = make_celery(settings)
+# Messages Celery cannot decode or route go to the dead-letter store instead of being dropped.
+app.conf.worker_consumer = "worker.consumer:DeadLetteringConsumer"
 
 
 class _ProcessClients:
@@ -86,6 +89,38 @@ def _open_clients(**_: Any) -> None:
 def _close_clients(**_: Any) -> None:
     clients.close()
 
+
+class RestoreUnacked(bootsteps.StartStopStep):
+    """Hand out again, promptly, the messages a dead worker left unacknowledged.
+
+    kombu's Redis transport does this itself only on every tenth of its 10-second checks, so a message a
+    killed worker held could wait the visibility timeout plus 100 s. This step checks every quarter of the
+    visibility timeout (at most every 30 s); only messages older than the timeout are restored.
+    """
+
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref: Any = None
+
+    def start(self, parent: Any) -> None:
+        interval = min(30.0, settings.visibility_timeout_s / 4)
+        self.tref = parent.timer.call_repeatedly(interval, self.restore, (parent,), priority=10)
+
+    def restore(self, parent: Any) -> None:
+        try:
+            with parent.app.connection_for_read() as conn:
+                conn.default_channel.qos.restore_visible(num=1000, interval=1)
+        except Exception as exc:  # noqa: BLE001 - Redis away: the next round tries again
+            log.warning("could not restore unacknowledged messages: %r", exc)
+
+    def stop(self, parent: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+
+
+app.steps["worker"].add(RestoreUnacked)
 
 # Registers the tasks on ``app``.
 from worker import tasks  # noqa: E402,F401

@@ -1,9 +1,9 @@
 """The worker's tasks, each declared through :func:`instrumented_task`.
 
 A task here never fails in the Celery sense: a failed task's message is acknowledged and gone. Every run
-ends in one of three ways: the events are written; the task is retried with backoff (a new message is in
-Redis before the old one is acknowledged); or, after the last attempt, the events go to the dead-letter
-store with the reason. If even the retry cannot be published, the message is rejected back to the queue.
+ends in one of three ways for each event: it is written; it is retried with backoff (a new message is in
+Redis before the old one is acknowledged); or, after the last attempt, it goes to the dead-letter store
+with the reason. If even the retry cannot be published, the message is rejected back to the queue.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from celery import Task
 from celery.exceptions import Reject, Retry
 
+from sluice import keys
 from sluice.events import BookingEvent, ViewEvent, validate_event
 from sluice.queue import WRITE_EVENTS
 from worker import deadletters
@@ -50,15 +51,50 @@ def backoff_s(retries: int) -> float:
     return float(ceiling * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not cryptography
 
 
+def _count_drained(events: int) -> None:
+    """Feed the drain rate the API's backpressure uses; best effort, a lost count only skews Retry-After."""
+    try:
+        with clients.redis.pipeline(transaction=False) as pipe:
+            pipe.incrby(keys.WRITTEN_TOTAL, events)
+            pipe.incr(keys.DRAINED_MESSAGES)
+            pipe.execute()
+    except Exception as exc:  # noqa: BLE001
+        log.debug("could not count drained events: %r", exc)
+
+
+def _parse_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], float, list[str]] | str:
+    """The task's arguments, or why they cannot be used (a message from an older or broken producer)."""
+    events = args[0] if args else kwargs.get("events")
+    accepted_at = args[1] if len(args) > 1 else kwargs.get("accepted_at")
+    request_ids = kwargs.get("request_ids") or []
+    if not isinstance(events, list):
+        return f"malformed task arguments: events is {type(events).__name__}, not a list"
+    if not isinstance(accepted_at, int | float) or isinstance(accepted_at, bool):
+        accepted_at = time.time()
+    if not isinstance(request_ids, list):
+        request_ids = []
+    return events, float(accepted_at), [str(r) for r in request_ids]
+
+
 @instrumented_task(WRITE_EVENTS)
-def write_events(
-    self: Task[Any, Any], events: list[Any], accepted_at: float, request_ids: list[str] | None = None
-) -> int:
-    """Write a batch of events; returns how many were written."""
+def write_events(self: Task[Any, Any], *args: Any, **kwargs: Any) -> int:
+    """Write a batch of events: ``write_events(events, accepted_at, request_ids=[...])``; returns how many
+    were written. Takes ``*args``: a message with the wrong arguments must be dead-lettered, not lost to a
+    TypeError before this body runs."""
     started = time.perf_counter()
+    attempt = self.request.retries + 1
+    parsed = _parse_arguments(args, kwargs)
+    if isinstance(parsed, str):
+        deadletters.add(clients.redis, [({"args": args, "kwargs": kwargs}, parsed)], task_id=self.request.id,
+                        attempts=attempt)  # fmt: skip
+        log.error("dead-lettered task %s: %s", self.request.id, parsed)
+        _count_drained(0)
+        return 0
+    events, accepted_at, request_ids = parsed
+
     valid: list[ViewEvent | BookingEvent] = []
     rejected: list[tuple[Any, str]] = []
-    for raw in events if isinstance(events, list) else [events]:
+    for raw in events:
         outcome = validate_event(raw)
         if isinstance(outcome, list):
             reason = "; ".join(f"{'.'.join(map(str, e.loc)) or '<event>'}: {e.msg}" for e in outcome)
@@ -67,40 +103,50 @@ def write_events(
             valid.append(outcome)
     if rejected:
         # A message from an older or broken producer must not block the valid events it carries.
-        deadletters.add(clients.redis, rejected, task_id=self.request.id, attempts=self.request.retries + 1)
+        deadletters.add(clients.redis, rejected, task_id=self.request.id, attempts=attempt)
         log.warning("dead-lettered %d invalid events of task %s", len(rejected), self.request.id)
 
     accepted = dt.datetime.fromtimestamp(accepted_at, dt.UTC)
     try:
-        clients.writer.write(valid, accepted)
-    except Exception as exc:  # noqa: BLE001 - every store error is retried, then dead-lettered
-        attempt = self.request.retries + 1
-        if self.request.retries >= (self.max_retries or 0):
-            deadletters.add(
-                clients.redis,
-                [(event.model_dump(mode="json"), f"write failed after {attempt} attempts: {exc!r}") for event in valid],
-                task_id=self.request.id,
-                attempts=attempt,
-            )
-            log.error("dead-lettered %d events of task %s after %d attempts: %r", len(valid), self.request.id,
-                      attempt, exc)  # fmt: skip
-            return 0
-        countdown = backoff_s(self.request.retries)
-        log.warning("writing %d events failed (attempt %d), retrying in %.1f s: %r", len(valid), attempt,
-                    countdown, exc)  # fmt: skip
-        # Only the valid events travel on: the invalid ones are already dead-lettered.
-        try:
-            raise self.retry(
-                args=([event.model_dump(mode="json") for event in valid], accepted_at),
-                kwargs={"request_ids": request_ids},
-                countdown=countdown,
-                exc=exc,
-            )
-        except Retry:
-            raise
-        except Exception as publish_exc:
-            log.error("could not queue the retry (%r); returning the message to the queue", publish_exc)
-            raise Reject(publish_exc, requeue=True) from publish_exc
-    log.info("wrote %d events in %.1f ms (task %s, requests %s)", len(valid),
-             (time.perf_counter() - started) * 1000, self.request.id, ",".join(request_ids or [])[:200])  # fmt: skip
-    return len(valid)
+        failed = clients.writer.write(valid, accepted)
+    except Exception as exc:  # noqa: BLE001 - e.g. no connection at all: every event failed
+        failed = [(event, exc) for event in valid]
+    written = len(valid) - len(failed)
+    if not failed:
+        took_ms = (time.perf_counter() - started) * 1000
+        log.info("wrote %d events in %.1f ms (task %s, attempt %d, requests %s)", written, took_ms,
+                 self.request.id, attempt, ",".join(request_ids)[:200])  # fmt: skip
+        _count_drained(written)
+        return written
+
+    error = failed[0][1]
+    if self.request.retries >= (self.max_retries or 0):
+        deadletters.add(
+            clients.redis,
+            [
+                (event.model_dump(mode="json"), f"write failed after {attempt} attempts: {exc!r}")
+                for event, exc in failed
+            ],
+            task_id=self.request.id,
+            attempts=attempt,
+        )
+        log.error("dead-lettered %d events of task %s after %d attempts: %r", len(failed), self.request.id,
+                  attempt, error)  # fmt: skip
+        _count_drained(written)
+        return written
+    countdown = backoff_s(self.request.retries)
+    log.warning("writing %d of %d events failed (attempt %d), retrying in %.1f s: %r", len(failed), len(valid),
+                attempt, countdown, error)  # fmt: skip
+    try:
+        # Only the failed events travel on: the rest are written, the invalid ones dead-lettered.
+        raise self.retry(
+            args=([event.model_dump(mode="json") for event, _ in failed], accepted_at),
+            kwargs={"request_ids": request_ids},
+            countdown=countdown,
+            exc=error,
+        )
+    except Retry:
+        raise
+    except Exception as publish_exc:
+        log.error("could not queue the retry (%r); returning the message to the queue", publish_exc)
+        raise Reject(publish_exc, requeue=True) from publish_exc

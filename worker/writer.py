@@ -50,27 +50,49 @@ class EventWriter:
         self.store = store
         self.concurrency = concurrency
 
-    def write(self, events: Sequence[ViewEvent | BookingEvent], accepted_at: dt.datetime) -> None:
-        """Store every event or raise; safe to call again with the same events after any failure."""
-        if not events:
-            return
-        rows = [row_params(event, accepted_at) for event in events]
-        session = self.store.session
+    def write(
+        self, events: Sequence[ViewEvent | BookingEvent], accepted_at: dt.datetime
+    ) -> list[tuple[ViewEvent | BookingEvent, Exception]]:
+        """Store the events; returns those that failed, with the error. Safe to call again with any of them.
 
-        by_partition: dict[tuple[int, dt.date], list[tuple[Any, ...]]] = defaultdict(list)
-        for row in rows:
-            by_partition[(row[3], row[0])].append(row)
+        One failing event (or partition) does not fail the others: only the failures need a retry.
+        """
+        if not events:
+            return []
+        session = self.store.session
+        # Phase 1: the listing-and-day rows, one unlogged batch per partition chunk.
+        by_partition: dict[tuple[int, dt.date], list[int]] = defaultdict(list)
+        rows = [row_params(event, accepted_at) for event in events]
+        for index, row in enumerate(rows):
+            by_partition[(row[3], row[0])].append(index)
+        groups: list[list[int]] = []
         statements: list[tuple[Any, Any]] = []
-        for partition_rows in by_partition.values():
-            if len(partition_rows) == 1:
-                statements.append((self.store.insert_by_listing, partition_rows[0]))
-                continue
-            for start in range(0, len(partition_rows), ROWS_PER_BATCH):
+        for indexes in by_partition.values():
+            for start in range(0, len(indexes), ROWS_PER_BATCH):
+                chunk = indexes[start : start + ROWS_PER_BATCH]
+                groups.append(chunk)
+                if len(chunk) == 1:
+                    statements.append((self.store.insert_by_listing, rows[chunk[0]]))
+                    continue
                 batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-                for row in partition_rows[start : start + ROWS_PER_BATCH]:
-                    batch.add(self.store.insert_by_listing, row)
+                for index in chunk:
+                    batch.add(self.store.insert_by_listing, rows[index])
                 statements.append((batch, ()))
-        execute_concurrent(session, statements, concurrency=self.concurrency, raise_on_first_error=True)
-        execute_concurrent_with_args(
-            session, self.store.insert_by_id, rows, concurrency=self.concurrency, raise_on_first_error=True
+        failed: dict[int, Exception] = {}
+        results = execute_concurrent(session, statements, concurrency=self.concurrency, raise_on_first_error=False)
+        for chunk, (ok, outcome) in zip(groups, results, strict=True):
+            if not ok:
+                failed.update(dict.fromkeys(chunk, outcome))
+        # Phase 2: the by-id rows, only for events whose listing row is in.
+        remaining = [index for index in range(len(rows)) if index not in failed]
+        results = execute_concurrent_with_args(
+            session,
+            self.store.insert_by_id,
+            [rows[index] for index in remaining],
+            concurrency=self.concurrency,
+            raise_on_first_error=False,
         )
+        for index, (ok, outcome) in zip(remaining, results, strict=True):
+            if not ok:
+                failed[index] = outcome
+        return [(events[index], error) for index, error in sorted(failed.items())]

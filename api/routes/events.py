@@ -10,13 +10,13 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from api.body import read_json
-from api.deps import PublisherDep, SettingsDep, StoreDep
+from api.deps import AUTHORIZED, QUEUE_HAS_ROOM, PublisherDep, SettingsDep, StoreDep
 from api.errors import ApiError, ErrorBody
 from api.publisher import PublishError
 from api.responses import JSONResponse
 from sluice.events import BookingEvent, FieldError, ViewEvent, event_id_of, validate_event
 
-router = APIRouter(prefix="/v1", tags=["events"])
+router = APIRouter(prefix="/v1", tags=["events"], dependencies=[AUTHORIZED])
 
 
 class EventResult(BaseModel):
@@ -56,12 +56,19 @@ def _errors(status: int, description: str) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody, "description": description}}
 
 
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_errors(401, "No valid API key (Authorization: Bearer <key>)."),
+    **_errors(429, "Over the API key's rate limit; retry after Retry-After seconds."),
+}
+
 INGEST_ERRORS: dict[int | str, dict[str, Any]] = {
-    **_errors(400, "The body is not valid JSON."),
+    **AUTH_ERRORS,
+    **_errors(400, "The body is not valid JSON, or has a duplicate key."),
     **_errors(413, "The body is larger than SLUICE_MAX_BODY_BYTES (1 MiB by default)."),
     **_errors(415, "The body is not JSON (Content-Type must be application/json)."),
     **_errors(422, "No event is valid; details give the path of each bad field."),
-    **_errors(503, "The queue is unavailable; nothing was queued. Retry after Retry-After seconds."),
+    **_errors(503, "The queue is full or unavailable; nothing was queued. Retry after Retry-After seconds."),
+    **_errors(504, "Redis did not confirm in time: the events may or may not be queued. Retry them (same ids)."),
 }
 
 
@@ -87,7 +94,14 @@ async def _queue(publisher: PublisherDep, events: list[dict[str, Any]], request:
     try:
         await publisher.submit(events, _request_id(request))
     except PublishError as exc:
-        raise ApiError(503, "queue_unavailable", str(exc), headers={"Retry-After": "1"}) from None
+        if exc.definite:
+            raise ApiError(
+                503, "queue_unavailable", f"{exc}; nothing was queued", headers={"Retry-After": "1"}
+            ) from None
+        raise ApiError(
+            504, "queue_timeout", f"{exc}; the events may or may not be queued: retry with the same event ids",
+            headers={"Retry-After": "1"},
+        ) from None  # fmt: skip
 
 
 @router.post(
@@ -96,11 +110,12 @@ async def _queue(publisher: PublisherDep, events: list[dict[str, Any]], request:
     response_model=IngestResponse,
     responses=INGEST_ERRORS,
     openapi_extra=_body_schema("Event"),
+    dependencies=[QUEUE_HAS_ROOM],
     summary="Ingest one event",
 )
 async def post_event(request: Request, settings: SettingsDep, publisher: PublisherDep) -> JSONResponse:
     raw = await read_json(request, settings.max_body_bytes)
-    event = validate_event(raw)
+    event = validate_event(raw, max_future_s=settings.max_clock_skew_s)
     if isinstance(event, list):
         raise ApiError(422, "invalid_event", "the event is invalid", [e.model_dump() for e in event])
     await _queue(publisher, [event.model_dump(mode="json")], request)
@@ -121,6 +136,7 @@ async def post_event(request: Request, settings: SettingsDep, publisher: Publish
     response_model=IngestResponse,
     responses=INGEST_ERRORS,
     openapi_extra=_body_schema("BatchRequest"),
+    dependencies=[QUEUE_HAS_ROOM],
     summary="Ingest up to 1,000 events; each is judged on its own",
 )
 async def post_batch(request: Request, settings: SettingsDep, publisher: PublisherDep) -> JSONResponse:
@@ -148,7 +164,7 @@ async def post_batch(request: Request, settings: SettingsDep, publisher: Publish
     results: list[dict[str, Any]] = []
     all_errors: list[dict[str, Any]] = []
     for index, item in enumerate(items):
-        outcome = validate_event(item, ("events", index))
+        outcome = validate_event(item, ("events", index), max_future_s=settings.max_clock_skew_s)
         if isinstance(outcome, list):
             errors = [e.model_dump() for e in outcome]
             all_errors += errors
@@ -168,6 +184,7 @@ async def post_batch(request: Request, settings: SettingsDep, publisher: Publish
     "/events/{event_id}",
     response_model=StoredEventOut,
     responses={
+        **AUTH_ERRORS,
         **_errors(404, "No event with this id is stored (yet)."),
         **_errors(422, "The event id is not a UUID."),
         **_errors(503, "Cassandra is unreachable."),

@@ -1,0 +1,106 @@
+"""Backpressure: over the queue-depth limit the API answers 503 with Retry-After; Redis never evicts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from cassandra.cluster import Session
+
+from api.backpressure import QueueMonitor
+from devstack import Profile
+from sluice import keys
+from tests.support import AUTH, Service, start_api, start_worker, view, wait_until
+
+DB = 9
+
+
+@pytest.fixture
+def queue(servers: object, profile: Profile) -> Iterator[redis.Redis]:
+    client = redis.Redis(port=profile.redis_port, db=DB)
+    client.delete(keys.EVENTS_QUEUE, keys.UNACKED, keys.UNACKED_INDEX, keys.DRAINED_MESSAGES)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def small_api(queue: redis.Redis, cassandra: Session, profile: Profile, log_dir: Path) -> Iterator[Service]:
+    service = start_api(
+        profile, log_dir, name="api-backpressure", SLUICE_API_PORT=str(profile.api_port + 4),
+        SLUICE_REDIS_URL=f"redis://127.0.0.1:{profile.redis_port}/{DB}", SLUICE_MAX_QUEUE_DEPTH="5",
+    )  # fmt: skip
+    yield service
+    service.stop()
+
+
+def test_over_the_limit_the_api_refuses_with_retry_after_and_recovers(
+    small_api: Service, queue: redis.Redis, profile: Profile, log_dir: Path
+) -> None:
+    with httpx.Client(base_url=small_api.base_url, headers=AUTH) as c:
+        for _ in range(5):  # one message each: requests one after another do not share a message
+            assert c.post("/v1/events", json=view()).status_code == 202
+        assert queue.llen(keys.EVENTS_QUEUE) == 5
+
+        time.sleep(0.6)  # the API samples the queue depth every 0.25 s
+        response = c.post("/v1/events", json=view())
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "queue_full"
+        # No worker drains this queue yet: the API cannot promise room soon.
+        assert response.headers["retry-after"] == "30"
+        assert queue.llen(keys.EVENTS_QUEUE) == 5, "a refused request must not queue anything"
+
+        worker = start_worker(profile, log_dir, name="worker-backpressure",
+                              SLUICE_REDIS_URL=f"redis://127.0.0.1:{profile.redis_port}/{DB}")  # fmt: skip
+        try:
+            wait_until(lambda: c.post("/v1/events", json=view()).status_code == 202, 20, "room in the queue again")
+            # The workers count what they drain: that rate is what Retry-After is computed from.
+            wait_until(lambda: int(queue.get(keys.DRAINED_MESSAGES) or 0) >= 6, 20, "the queue to be drained")
+        finally:
+            worker.stop()
+
+
+@pytest.mark.parametrize(
+    ("depth", "drain_per_s", "expected"),
+    # Retry-After: the time to drain back to 90% of the limit (10 here) at the current rate, in 1..60 s.
+    [(4, 0.0, None), (10, 0.0, 30), (13, 1.0, 4), (100, 2.0, 46), (10_000, 1.0, 60), (12, 1000.0, 1)],
+)
+def test_retry_after_follows_the_drain_rate(depth: int, drain_per_s: float, expected: int | None) -> None:
+    monitor = QueueMonitor(redis.asyncio.Redis(), max_depth=10)
+    monitor.depth, monitor.drain_per_s = depth, drain_per_s
+    assert monitor.retry_after() == expected
+
+
+def test_redis_never_evicts_and_a_full_redis_is_a_503(
+    isolated_client: httpx.Client, isolated_queue: redis.Redis
+) -> None:
+    queue = isolated_queue
+    assert queue.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+    assert queue.config_get("appendonly") == {"appendonly": "yes"}
+    assert queue.config_get("appendfsync") == {"appendfsync": "everysec"}
+    before = queue.config_get("maxmemory")["maxmemory"]
+    used = int(queue.info("memory")["used_memory"])
+    queue.config_set("maxmemory", used + 200_000)
+    try:
+        response = None
+        for _ in range(200):
+            response = isolated_client.post("/v1/events/batch", json={"events": [view() for _ in range(50)]})
+            if response.status_code != 202:
+                break
+        assert response is not None
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert error["code"] == "queue_unavailable"
+        assert "maxmemory" in error["message"]
+        assert response.headers["retry-after"] == "1"
+        queued = queue.llen(keys.EVENTS_QUEUE)
+        assert queued > 0
+    finally:
+        queue.config_set("maxmemory", before)
+    # Nothing queued was evicted to make room.
+    assert queue.llen(keys.EVENTS_QUEUE) == queued
+    time.sleep(0.3)  # past the publisher's fail-fast window
+    assert isolated_client.post("/v1/events", json=view()).status_code == 202

@@ -1,0 +1,151 @@
+"""Poison messages go to the dead-letter store with the reason; the events queued with them are written;
+and the dead-letter command lists, shows, replays (exactly once) and purges them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from cassandra.cluster import Session
+from celery import Celery
+from kombu import Connection, Exchange, Producer, Queue
+
+from devstack import PROJECT, Profile, Servers
+from sluice import keys
+from sluice.queue import WRITE_EVENTS, make_celery
+from sluice.settings import Settings
+from tests.support import Service, booking, service_env, start_worker, stored_rows, view, wait_until
+from worker.deadletters import add
+
+DB = 8
+
+
+@pytest.fixture
+def queue_settings(profile: Profile) -> Settings:
+    return Settings(redis_url=f"redis://127.0.0.1:{profile.redis_port}/{DB}")
+
+
+@pytest.fixture
+def db(servers: Servers, queue_settings: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(queue_settings.redis_url)
+    client.delete(keys.EVENTS_QUEUE, keys.UNACKED, keys.UNACKED_INDEX, keys.DEAD_LETTERS)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def celery(queue_settings: Settings) -> Iterator[Celery]:
+    app = make_celery(queue_settings)
+    yield app
+    app.close()
+
+
+def dead_letters(client: redis.Redis) -> dict[str, dict[str, object]]:
+    return {k.decode(): json.loads(v) for k, v in client.hgetall(keys.DEAD_LETTERS).items()}
+
+
+def cli(profile: Profile, *args: str) -> subprocess.CompletedProcess[str]:
+    env = service_env(profile, SLUICE_REDIS_URL=f"redis://127.0.0.1:{profile.redis_port}/{DB}")
+    return subprocess.run(
+        [sys.executable, "-m", "worker.deadletters", *args],
+        env={**os.environ, **env}, cwd=PROJECT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_poison_messages_do_not_block_the_events_queued_with_them(
+    db: redis.Redis, celery: Celery, queue_settings: Settings, cassandra: Session, profile: Profile, log_dir: Path
+) -> None:
+    good_before, good_beside, good_after = view(), booking(), view()
+    old_format = {"event_id": "0d7e1f0c-0000-4000-8000-000000000001", "kind": "view", "listing": "42"}
+    # 1. A message no JSON decoder can read, as a broken producer might write it.
+    exchange = Exchange(keys.EVENTS_QUEUE, "direct")
+    with Connection(queue_settings.redis_url) as conn:
+        Producer(conn).publish(
+            b'{"not": json', exchange=exchange, routing_key=keys.EVENTS_QUEUE,
+            declare=[Queue(keys.EVENTS_QUEUE, exchange, routing_key=keys.EVENTS_QUEUE)],
+            content_type="application/json", content_encoding="utf-8",
+            headers={"task": WRITE_EVENTS, "id": "poison-undecodable", "lang": "py"},
+        )  # fmt: skip
+    celery.send_task(WRITE_EVENTS, args=[[good_before], time.time()])
+    # 2. An older producer's event beside a valid one in one message.
+    celery.send_task(WRITE_EVENTS, args=[[old_format, good_beside], time.time()])
+    # 3. An older producer's arguments, and a task this worker does not know.
+    celery.send_task(WRITE_EVENTS, kwargs={"event": good_after})
+    celery.send_task("sluice.write_event_v0", args=[good_after])
+    celery.send_task(WRITE_EVENTS, args=[[good_after], time.time()])
+
+    worker = start_worker(profile, log_dir, name="worker-poison", SLUICE_REDIS_URL=queue_settings.redis_url)
+    try:
+        for event in (good_before, good_beside, good_after):
+            wait_until(lambda e=event: stored_rows(cassandra, e["event_id"]) == (1, 1), 20, "the valid events")
+        wait_until(lambda: len(dead_letters(db)) == 4, 10, "four dead letters")
+    finally:
+        worker.stop()
+    letters = dead_letters(db)
+    reasons = sorted(str(record["reason"]) for record in letters.values())
+    assert any(r.startswith("undecodable message (application/json)") for r in reasons), reasons
+    assert any(r.startswith("unknown task") and "write_event_v0" in r for r in reasons), reasons
+    assert any(r.startswith("malformed task arguments") for r in reasons), reasons
+    old = letters[old_format["event_id"]]
+    assert old["event"] == old_format
+    assert "type" in str(old["reason"])
+    assert db.llen(keys.EVENTS_QUEUE) == 0
+    assert db.hlen(keys.UNACKED) == 0
+
+
+def test_failed_writes_are_dead_lettered_then_replayed_exactly_once(
+    db: redis.Redis, celery: Celery, queue_settings: Settings, servers: Servers, cassandra: Session,
+    profile: Profile, log_dir: Path,
+) -> None:  # fmt: skip
+    events = [view(), booking()]
+    worker: Service = start_worker(
+        profile, log_dir, name="worker-deadletter", SLUICE_REDIS_URL=queue_settings.redis_url,
+        SLUICE_CASSANDRA_REQUEST_TIMEOUT_S="1", SLUICE_TASK_MAX_RETRIES="1",
+    )  # fmt: skip
+    assert servers.cassandra is not None
+    try:
+        servers.cassandra.signal(signal.SIGSTOP)
+        try:
+            celery.send_task(WRITE_EVENTS, args=[events, time.time()])
+            wait_until(lambda: len(dead_letters(db)) == 2, 30, "the events to be dead-lettered after 2 attempts")
+        finally:
+            servers.cassandra.signal(signal.SIGCONT)
+        letters = dead_letters(db)
+        assert set(letters) == {e["event_id"] for e in events}
+        assert all("write failed after 2 attempts" in str(r["reason"]) for r in letters.values())
+        assert all(stored_rows(cassandra, e["event_id"])[0] in (0, 1) for e in events)
+
+        listed = cli(profile, "list")
+        assert listed.returncode == 0, listed.stderr
+        assert all(e["event_id"] in listed.stdout for e in events)
+        assert "2 dead letter(s)" in listed.stderr
+        shown = cli(profile, "show", events[1]["event_id"])
+        assert json.loads(shown.stdout)["event"]["total_price"] == "449.70"
+        assert cli(profile, "show", "no-such-id").returncode == 1
+
+        replayed = cli(profile, "replay", "--all")
+        assert replayed.returncode == 0, replayed.stderr
+        assert "replayed 2 event(s)" in replayed.stdout
+        for event in events:
+            wait_until(lambda e=event: stored_rows(cassandra, e["event_id"]) == (1, 1), 30, "the replayed event")
+        assert dead_letters(db) == {}
+        # Replaying an event that is already stored leaves it stored once.
+        add(db, [(events[0], "test: replay of a stored event")], task_id=None, attempts=1)
+        assert cli(profile, "replay", events[0]["event_id"]).returncode == 0
+        time.sleep(1)
+        assert stored_rows(cassandra, events[0]["event_id"]) == (1, 1)
+
+        add(db, [(view(), "test: to purge")], task_id=None, attempts=1)
+        purged = cli(profile, "purge", "--all")
+        assert "purged 1 dead letter(s)" in purged.stdout
+        assert dead_letters(db) == {}
+    finally:
+        worker.stop()

@@ -1,0 +1,195 @@
+"""Faults injected with real signals into real processes, under steady load; nothing acknowledged is lost.
+
+Each test runs its own API and workers on a Redis database of its own (so no other test's worker takes its
+messages), records every request (ok / failed / unknown), injects the fault, lets the system settle, and
+checks the history against Cassandra: every ok event stored once, nothing stored that was refused.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from cassandra.cluster import Session
+
+from devstack import Profile, Servers
+from sluice import keys
+from tests.history import SteadyLoad, check
+from tests.support import Service, start_api, start_worker, wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class Rig:
+    """API and workers of one fault test, on Redis database ``db``."""
+
+    def __init__(self, profile: Profile, log_dir: Path, db: int, name: str) -> None:
+        self.profile = profile
+        self.log_dir = log_dir
+        self.name = name
+        self.redis_url = f"redis://127.0.0.1:{profile.redis_port}/{db}"
+        self.port = profile.api_port + 10 + db
+        self.services: list[Service] = []
+        self.redis = redis.Redis.from_url(self.redis_url)
+        self.redis.delete(keys.EVENTS_QUEUE, keys.UNACKED, keys.UNACKED_INDEX, keys.DEAD_LETTERS)
+
+    def api(self, **env: str) -> Service:
+        service = start_api(self.profile, self.log_dir, name=f"{self.name}-api", SLUICE_API_PORT=str(self.port),
+                            SLUICE_REDIS_URL=self.redis_url, **env)  # fmt: skip
+        self.services.append(service)
+        return service
+
+    def worker(self, suffix: str = "", **env: str) -> Service:
+        service = start_worker(self.profile, self.log_dir, name=f"{self.name}-worker{suffix}",
+                               SLUICE_REDIS_URL=self.redis_url, **env)  # fmt: skip
+        self.services.append(service)
+        return service
+
+    def unacked(self) -> int:
+        return int(self.redis.hlen(keys.UNACKED))
+
+    def freeze_holding_a_message(self, worker: Service) -> None:
+        """SIGSTOP the worker's process group at a moment it holds an unacknowledged message (a task is
+        fast, so catch it: stop, look, and let it go on if it was idle)."""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.unacked() > 0:
+                os.killpg(worker.proc.pid, signal.SIGSTOP)
+                time.sleep(0.05)  # an acknowledgement already on the wire lands now
+                if self.unacked() > 0:
+                    return
+                os.killpg(worker.proc.pid, signal.SIGCONT)
+            time.sleep(0.002)
+        raise AssertionError("the worker never held a message")
+
+    def close(self) -> None:
+        for service in self.services:
+            service.stop()
+        self.redis.close()
+
+
+@pytest.fixture
+def rig(request: pytest.FixtureRequest, cassandra: Session, profile: Profile, log_dir: Path) -> Iterator[Rig]:
+    """A rig on the Redis database the test names with ``@pytest.mark.redis_db(N)``."""
+    marker = request.node.get_closest_marker("redis_db")
+    assert marker is not None, "fault tests name their own Redis database"
+    r = Rig(profile, log_dir, marker.args[0], request.node.name.removeprefix("test_"))
+    yield r
+    r.close()
+
+
+@pytest.mark.redis_db(3)
+def test_worker_killed_mid_batch(rig: Rig, cassandra: Session) -> None:
+    api = rig.api()
+    doomed = rig.worker("-doomed")
+    with SteadyLoad(api.base_url, rate=150) as load:
+        time.sleep(2)
+        # Kill the whole worker (main process and pool children) while it holds a message unacknowledged.
+        rig.freeze_holding_a_message(doomed)
+        os.killpg(doomed.proc.pid, signal.SIGKILL)
+        doomed.proc.wait()
+        assert rig.unacked() > 0, "the killed worker's message should still be unacknowledged in Redis"
+        time.sleep(2)
+        rig.worker("-heir")
+        time.sleep(3)
+    summary = check(load.history, cassandra, settle_s=90)
+    assert summary["failed"] == 0
+    assert rig.unacked() == 0
+
+
+@pytest.mark.redis_db(4)
+def test_cassandra_stopped_for_30_seconds(rig: Rig, servers: Servers, cassandra: Session) -> None:
+    api = rig.api()
+    worker = rig.worker(SLUICE_CASSANDRA_REQUEST_TIMEOUT_S="2", SLUICE_TASK_MAX_RETRIES="30")
+    assert servers.cassandra is not None
+    with SteadyLoad(api.base_url, rate=100) as load:
+        time.sleep(2)
+        servers.cassandra.signal(signal.SIGSTOP)
+        try:
+            ok_before = load.history.outcomes["202"]
+            time.sleep(30)
+            ok_while_down = load.history.outcomes["202"] - ok_before
+        finally:
+            servers.cassandra.signal(signal.SIGCONT)
+        time.sleep(2)
+    summary = check(load.history, cassandra, settle_s=120)
+    # The API kept taking events while Cassandra was away: the queue was well under its limit. (The rate
+    # is what this shared machine's load generator reaches; the point is that none was refused.)
+    assert summary["failed"] == 0, load.history.outcomes
+    assert ok_while_down >= 600, ok_while_down
+    log = worker.log_text()
+    retries = log.count("retrying in")
+    # Retries back off: a hot loop would retry hundreds of times in 30 s.
+    assert 1 <= retries <= 200, retries
+    assert rig.redis.hlen(keys.DEAD_LETTERS) == 0
+
+
+@pytest.mark.redis_db(5)
+def test_redis_restarted(rig: Rig, servers: Servers, cassandra: Session) -> None:
+    api = rig.api()
+    rig.worker()
+    assert servers.redis is not None
+    with SteadyLoad(api.base_url, rate=100, timeout=5) as load:
+        time.sleep(3)
+        acknowledged_before = set(load.history.ok)
+        servers.redis.signal(signal.SIGKILL)  # a crash, not a clean shutdown
+        servers.redis.proc.wait()  # type: ignore[union-attr]
+        killed_at = time.monotonic()
+        time.sleep(3)
+        servers.redis.start()
+        wait_until(lambda: rig.redis.ping(), 10, "Redis to answer again")
+        restarted_at = time.monotonic()
+        # The API recovers by itself: fresh requests are acknowledged again.
+        ok_before = load.history.outcomes["202"]
+        wait_until(lambda: load.history.outcomes["202"] > ok_before + 50, 15, "the API to accept events again")
+        time.sleep(2)
+    history = load.history
+    summary = check(history, cassandra, settle_s=90)
+    assert acknowledged_before <= history.ok
+    # While Redis was away the API answered 503 with Retry-After, fast, never hanging.
+    during = [f for f in history.failed.values() if killed_at - 0.5 <= f.sent_at - 0 <= restarted_at]
+    assert during, f"no request was refused while Redis was down: {history.outcomes}"
+    assert all(f.status == 503 and f.retry_after for f in during), {(f.status, f.code) for f in during}
+    assert max(f.seconds for f in during) < 1.0
+    assert summary["ok"] > len(acknowledged_before)
+
+
+@pytest.mark.redis_db(6)
+def test_api_sigterm(rig: Rig, cassandra: Session) -> None:
+    api = rig.api()
+    rig.worker()
+    with SteadyLoad(api.base_url, rate=200) as load:
+        time.sleep(3)
+        api.proc.send_signal(signal.SIGTERM)
+        assert api.proc.wait(30) == 0
+    history = load.history
+    summary = check(history, cassandra, settle_s=60)
+    assert summary["ok"] >= 500
+    # Requests after the API stopped were refused at connect (failed), never half-answered.
+    assert all(f.code == "connect_error" or f.status == 503 for f in history.failed.values())
+    assert "API shutting down: publishing what is queued" in api.log_text()
+
+
+@pytest.mark.redis_db(7)
+def test_worker_sigterm(rig: Rig, cassandra: Session) -> None:
+    api = rig.api()
+    first = rig.worker("-first")
+    with SteadyLoad(api.base_url, rate=150) as load:
+        time.sleep(2)
+        rig.freeze_holding_a_message(first)
+        # SIGTERM lands while a task is in flight: the worker wakes to a warm shutdown mid-batch.
+        first.proc.send_signal(signal.SIGTERM)
+        os.killpg(first.proc.pid, signal.SIGCONT)
+        assert first.proc.wait(30) == 0, "warm shutdown should finish the batch and exit cleanly"
+        assert "Warm shutdown" in first.log_text()
+        time.sleep(1)
+        rig.worker("-second")
+        time.sleep(2)
+    summary = check(load.history, cassandra, settle_s=60)
+    assert summary["failed"] == 0
+    assert rig.unacked() == 0
