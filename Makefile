@@ -14,7 +14,7 @@ SYNCED := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml | cksum | cut -d' '
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: help up test setup deps lint format typecheck pytest down clean
+.PHONY: help up test setup deps lint format typecheck infra-check pytest loadtest bench down clean
 
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,7 +37,7 @@ setup: deps ## deps, plus redis-server (apt-get if missing) and Cassandra's jars
 up: setup ## run Redis, Cassandra, the API on 127.0.0.1:8000 and a worker, in the foreground
 	@$(PY) -m devstack up
 
-test: setup lint typecheck pytest ## lint, type-check and run every test on real Redis and Cassandra
+test: setup lint typecheck infra-check pytest ## lint, type-check, validate infra and run every test on real servers
 
 lint: deps ## ruff lint and format check
 	@echo "[sluice] ruff"
@@ -52,8 +52,17 @@ typecheck: deps ## mypy --strict on our packages
 	@echo "[sluice] mypy"
 	@$(VENV)/bin/mypy
 
+infra-check: deps ## hadolint, compose schema, cfn-lint and checkov, all offline
+	@bash infra/validate.sh
+
 pytest: deps ## the test suite alone (starts its own Redis and Cassandra on test ports)
 	@$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+loadtest: setup ## locust at a fixed rate against the running stack (starts one if none); ARGS="--rate 100 --duration 60"
+	@$(PY) -m loadtests.loadtest $(ARGS)
+
+bench: setup ## find how far the pipeline goes on this machine; writes build/bench/summary.json
+	@$(PY) -m loadtests.bench $(ARGS)
 
 down: deps ## stop servers a crashed run left behind
 	@$(PY) -m devstack down

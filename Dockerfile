@@ -1,0 +1,78 @@
+# syntax=docker/dockerfile:1
+#
+# One image for the Sluice API and worker; the command picks the role:
+#   docker run IMAGE                                   -> API     (python -m api, the default CMD)
+#   docker run IMAGE python -m worker                  -> Celery worker
+#   docker run IMAGE python -m sluice.schema           -> one-shot schema step
+#   docker run IMAGE python -m worker.cloudwatch       -> queue-depth publisher (sidecar in ECS)
+# Targets: `runtime` (the default, last stage) and `loadtest` (adds the dev group for locust; compose only).
+# No secret is baked in: every SLUICE_* secret comes from the environment at run time.
+
+# ---- builder: resolve the locked dependencies into /opt/venv; nothing of this stage but the venv ships ----
+FROM python:3.11.13-slim-bookworm AS builder
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_NO_CACHE=1 \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_PYTHON=/usr/local/bin/python3.11 \
+    UV_PROJECT_ENVIRONMENT=/opt/venv
+
+RUN pip install uv==0.13.8
+
+WORKDIR /src
+# Only the lock and the project file: this layer (the slow one) is rebuilt only when dependencies change.
+COPY pyproject.toml uv.lock ./
+RUN uv sync --frozen --no-install-project --no-default-groups
+
+# ---- builder-loadtest: the same plus the `dev` group (locust) for the compose `loadtest` profile ----
+FROM builder AS builder-loadtest
+RUN uv sync --frozen --no-install-project --no-default-groups --group dev
+
+# ---- base: the runtime OS layer shared by both final targets ----
+FROM python:3.11.13-slim-bookworm AS base
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONPATH=/app \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    SLUICE_API_HOST=0.0.0.0 \
+    SLUICE_API_PORT=8000
+
+# A fixed, numeric, unprivileged user: orchestrators can check runAsNonRoot against the uid.
+RUN groupadd --system --gid 10001 sluice \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+            --shell /usr/sbin/nologin sluice
+
+WORKDIR /app
+
+# ---- loadtest: locust against the API (docker compose --profile loadtest up) ----
+FROM base AS loadtest
+COPY --from=builder-loadtest /opt/venv /opt/venv
+COPY sluice/ sluice/
+COPY loadtests/ loadtests/
+USER 10001:10001
+EXPOSE 8089
+HEALTHCHECK NONE
+CMD ["locust", "-f", "loadtests/locustfile.py", "--host", "http://api:8000"]
+
+# ---- runtime: API, worker, schema step and CloudWatch publisher (the default target) ----
+FROM base AS runtime
+COPY --from=builder /opt/venv /opt/venv
+# Code is owned by root and read-only for the service user; it is imported from PYTHONPATH=/app.
+COPY sluice/ sluice/
+COPY api/ api/
+COPY worker/ worker/
+# Only the Cassandra discovery helper of infra/ runs in a container (the init container of the Cassandra task).
+COPY infra/__init__.py infra/cassandra_discovery.py infra/
+USER 10001:10001
+EXPOSE 8000
+# The API's liveness; the worker's task definition / compose service replaces it with its own check.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('SLUICE_API_PORT', '8000'), timeout=4)"]
+# Exec form: python is PID 1's child under the orchestrator's init (compose `init: true`, ECS
+# initProcessEnabled), so SIGTERM goes straight to uvicorn / Celery for a graceful or warm shutdown.
+CMD ["python", "-m", "api"]
