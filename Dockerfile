@@ -40,7 +40,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     SLUICE_API_HOST=0.0.0.0 \
-    SLUICE_API_PORT=8000
+    SLUICE_API_PORT=8000 \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/sluice-metrics
 
 # A fixed, numeric, unprivileged user: orchestrators can check runAsNonRoot against the uid.
 RUN groupadd --system --gid 10001 sluice \

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import uvicorn
 
 from sluice.logs import setup_logging
@@ -9,6 +11,9 @@ from sluice.settings import get_settings
 
 
 def main() -> None:
+    # prometheus_client needs its multiprocess directory to exist before anything imports it.
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
     settings = get_settings()
     setup_logging()
     uvicorn.run(

@@ -14,6 +14,7 @@ import time
 import redis.asyncio as aioredis
 
 from sluice import keys
+from sluice.metrics import QUEUE_DEPTH
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class QueueMonitor:
         now = time.monotonic()
         drained = int(drained_raw or 0)
         self.depth = int(depth)
+        QUEUE_DEPTH.set(self.depth)
         if self._last is not None and now > self._last[0]:
             rate = max(0, drained - self._last[1]) / (now - self._last[0])
             self.drain_per_s = rate if self.drain_per_s == 0 else 0.7 * self.drain_per_s + 0.3 * rate

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from typing import Any
 
 import orjson
@@ -19,21 +20,59 @@ def _is_json(content_type: str | None) -> bool:
     return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
 
 
+def _too_large(max_bytes: int, what: str = "the request body") -> ApiError:
+    return ApiError(413, "payload_too_large", f"{what} exceeds the limit of {max_bytes} bytes")
+
+
+class _Inflater:
+    """gzip, inflated as it streams, and never past ``max_bytes``: a small gzip bomb costs us ``max_bytes``
+    of work, not its expanded size."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max = max_bytes
+        self._out = 0
+        # 16 + MAX_WBITS: a gzip header and trailer, not raw deflate or zlib.
+        self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+    def feed(self, data: bytes) -> bytes:
+        try:
+            out = self._z.decompress(data, self._max + 1 - self._out)
+        except zlib.error as exc:
+            raise ApiError(400, "malformed_gzip", f"the gzip request body is corrupt: {exc}") from None
+        self._out += len(out)
+        if self._out > self._max or self._z.unconsumed_tail:
+            raise _too_large(self._max, "the decompressed request body")
+        return out
+
+    def finish(self) -> None:
+        if not self._z.eof:
+            raise ApiError(400, "malformed_gzip", "the gzip request body is truncated")
+
+
 async def read_json(request: Request, max_bytes: int) -> Any:
-    """The decoded body, or an :class:`ApiError` with 415, 413 or 400."""
+    """The decoded body, or an :class:`ApiError` with 415, 413 or 400.
+
+    ``Content-Encoding: gzip`` bodies are accepted; both the compressed and the decompressed size are capped
+    at ``max_bytes``, and checked while the body streams in."""
     if not _is_json(request.headers.get("content-type")):
         raise ApiError(415, "unsupported_media_type", "the request body must be JSON (Content-Type: application/json)")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip"):
+        raise ApiError(415, "unsupported_content_encoding", "Content-Encoding must be gzip or identity (none)")
+    inflater = _Inflater(max_bytes) if encoding == "gzip" else None
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise ApiError(413, "payload_too_large", f"the request body exceeds the limit of {max_bytes} bytes")
+        raise _too_large(max_bytes)
     chunks: list[bytes] = []
     size = 0
     # Count while streaming, so a body without (or lying about) Content-Length is still never read whole.
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
-            raise ApiError(413, "payload_too_large", f"the request body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
+            raise _too_large(max_bytes)
+        chunks.append(inflater.feed(chunk) if inflater else chunk)
+    if inflater is not None and size:
+        inflater.finish()
     body = b"".join(chunks)
     if not body:
         raise ApiError(400, "malformed_json", "the request body is empty; expected a JSON document")

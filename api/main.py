@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import redis as sync_redis
 import redis.asyncio as aioredis
-from fastapi import FastAPI
+from asgi_correlation_id import CorrelationIdMiddleware
+from fastapi import FastAPI, Response
 from fastapi.openapi.utils import get_openapi
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_fastapi_instrumentator import Instrumentator
+from prometheus_fastapi_instrumentator import metrics as prom
 from pydantic import TypeAdapter
 
 from api.auth import ApiKeys
@@ -20,10 +26,11 @@ from api.errors import install_error_handlers
 from api.publisher import BatchingPublisher, JsonEvent
 from api.ratelimit import RateLimiter
 from api.responses import JSONResponse
-from api.routes import events, health
+from api.routes import events, health, listings
 from sluice import keys
 from sluice.events import Event
 from sluice.logs import setup_logging
+from sluice.metrics import mark_process_dead, registry
 from sluice.queue import WRITE_EVENTS, make_celery
 from sluice.settings import Settings, get_settings
 
@@ -38,6 +45,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         api_keys = ApiKeys(settings.api_keys)  # refuses to start without a key
         celery = make_celery(settings, publisher=True)
 
+        marks = sync_redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.publish_timeout_s,
+            socket_connect_timeout=settings.publish_timeout_s,
+        )
+
         def publish(batch: list[JsonEvent], accepted_at: float, request_ids: list[str]) -> None:
             celery.send_task(
                 WRITE_EVENTS,
@@ -45,6 +58,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 kwargs={"accepted_at": accepted_at, "request_ids": request_ids},
                 queue=keys.EVENTS_QUEUE,
             )
+            # Mark the events queued, for GET /v1/events/{id}. Best effort: the message is what counts.
+            try:
+                with marks.pipeline(transaction=False) as pipe:
+                    for event in batch:
+                        pipe.set(f"{keys.QUEUED_PREFIX}{event['event_id']}", accepted_at, ex=keys.QUEUED_TTL_S)
+                    pipe.execute()
+            except sync_redis.RedisError as exc:
+                log.warning("could not mark %d events queued: %r", len(batch), exc)
 
         publisher = BatchingPublisher(
             publish, max_events=settings.publish_max_events, linger_s=settings.publish_linger_ms / 1000
@@ -78,6 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await cassandra.close()
             await redis.aclose()
             celery.close()
+            marks.close()
+            mark_process_dead(os.getpid())
 
     app = FastAPI(
         title="Sluice",
@@ -88,7 +111,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(events.router)
+    app.include_router(listings.router)
     app.include_router(health.router)
+    # HTTP metrics per route template, method and status (one pure-ASGI middleware, no per-request I/O).
+    Instrumentator(
+        should_group_status_codes=False, excluded_handlers=["/metrics"], should_instrument_requests_inprogress=False
+    ).add(prom.requests(metric_namespace="sluice")).add(
+        prom.latency(metric_namespace="sluice", buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+    ).instrument(app)
+    # Outermost: every request, even one refused before routing, gets an id (X-Request-ID, echoed back).
+    app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID")
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics of every API and worker process")
+    def metrics() -> Response:
+        return Response(generate_latest(registry()), media_type=CONTENT_TYPE_LATEST)
+
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

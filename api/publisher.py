@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from sluice.metrics import PUBLISH_BATCH_EVENTS, PUBLISH_FAILURES
+
 log = logging.getLogger(__name__)
 
 JsonEvent = dict[str, Any]
@@ -124,6 +126,7 @@ class BatchingPublisher:
                 )
             except Exception as exc:  # noqa: BLE001 - every failure is reported to the waiting requests
                 log.warning("publishing %d events failed: %r", len(events), exc)
+                PUBLISH_FAILURES.labels("refused" if _is_definite(exc) else "unknown").inc()
                 self._unavailable_until = time.monotonic() + self.FAIL_FAST_S
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 error = PublishError(f"could not queue events: {self._last_error}", definite=_is_definite(exc))
@@ -133,6 +136,7 @@ class BatchingPublisher:
                         # Mark retrieved: a request whose client went away never awaits it.
                         item.done.exception()
             else:
+                PUBLISH_BATCH_EVENTS.observe(len(events))
                 for item in batch:
                     if not item.done.done():
                         item.done.set_result(None)

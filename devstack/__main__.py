@@ -14,12 +14,14 @@ import argparse
 import datetime as dt
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from types import FrameType
 
 from devstack import PROFILES, PROJECT, Profile, Servers, StackError, fetch_jars, say
@@ -67,6 +69,13 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> 
     raise StackError(f"the API did not answer {url} within {timeout:.0f} s (its log is above)")
 
 
+def fresh_dir(path: Path) -> Path:
+    """An empty directory: metrics files of an earlier run would be added to this run's counts."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
 def local_api_key(profile: Profile) -> str:
     """The API key of local runs: made once, kept in the profile's (git-ignored) data folder."""
     path = profile.root / "api-key"
@@ -91,6 +100,7 @@ def up(profile: Profile) -> int:
             **profile.service_env(),
             "SLUICE_API_PORT": str(profile.api_port),
             "SLUICE_API_KEYS": os.environ.get("SLUICE_API_KEYS") or api_key,
+            "PROMETHEUS_MULTIPROC_DIR": str(fresh_dir(profile.root / "metrics")),
             "PYTHONUNBUFFERED": "1",
         }
         say("applying the Cassandra schema (python -m sluice.schema)")

@@ -180,6 +180,22 @@ class Store:
             f"SELECT {cols} FROM {keyspace}.events_by_id WHERE event_id = ?"
         )
         self.select_release: PreparedStatement = session.prepare("SELECT release_version FROM system.local")
+        self.select_write_time: PreparedStatement = session.prepare(
+            f"SELECT writetime(type) AS written FROM {keyspace}.events_by_id WHERE event_id = ?"
+        )
+        # One day of one listing, in time order, between two (occurred_at, event_id) positions: the first
+        # page of a day starts at its lower bound inclusive, later pages just after the last row returned.
+        page = (
+            f"SELECT {cols} FROM {keyspace}.events_by_listing_day WHERE listing_id = ? AND day = ?"
+            " AND (occurred_at, event_id) {op} (?, ?) AND (occurred_at, event_id) < (?, ?) LIMIT ?"
+        )
+        self.select_day_from: PreparedStatement = session.prepare(page.format(op=">="))
+        self.select_day_after: PreparedStatement = session.prepare(page.format(op=">"))
+        # Counting rows (never Cassandra counters): exact however often a message was redelivered.
+        self.count_day_type: PreparedStatement = session.prepare(
+            f"SELECT COUNT(*) AS n FROM {keyspace}.events_by_listing_day"
+            " WHERE listing_id = ? AND day = ? AND type = ? ALLOW FILTERING"
+        )
         # Reads of a single row must be idempotent for the driver to retry them on another node.
         self.select_by_id.is_idempotent = True
         self.insert_by_id.is_idempotent = True
@@ -202,15 +218,39 @@ class Store:
         if not rows:
             return None
         values = {name: getattr(rows[0], name) for name in EVENT_COLUMNS}
-        for name in ("check_in", "check_out"):
-            # The driver's own Date type (it also holds days outside Python's range) -> datetime.date.
-            if isinstance(values[name], Date):
-                values[name] = values[name].date()
-        return StoredEvent(**values)
+        return _stored(values)
+
+    async def write_time(self, event_id: UUID) -> dt.datetime | None:
+        """Cassandra's write time of the event's cells (derived from occurred_at: see write_timestamp_us)."""
+        rows = await aresult(self.session.execute_async(self.select_write_time, (event_id,)))
+        if not rows or rows[0].written is None:
+            return None
+        return dt.datetime.fromtimestamp(rows[0].written / 1_000_000, dt.UTC)
+
+    async def listing_day(
+        self, listing_id: int, day: dt.date, after: tuple[dt.datetime, UUID], before: tuple[dt.datetime, UUID],
+        limit: int, *, inclusive: bool,
+    ) -> list[StoredEvent]:  # fmt: skip
+        statement = self.select_day_from if inclusive else self.select_day_after
+        params = (listing_id, day, after[0], after[1], before[0], before[1], limit)
+        rows = await aresult(self.session.execute_async(statement, params))
+        return [_stored({name: getattr(row, name) for name in EVENT_COLUMNS}) for row in rows]
+
+    async def count_day(self, listing_id: int, day: dt.date, kind: str) -> int:
+        rows = await aresult(self.session.execute_async(self.count_day_type, (listing_id, day, kind)))
+        return int(rows[0].n)
 
     async def ping(self) -> str:
         rows = await aresult(self.session.execute_async(self.select_release, timeout=2.0))
         return str(rows[0].release_version)
+
+
+def _stored(values: dict[str, Any]) -> StoredEvent:
+    for name in ("check_in", "check_out"):
+        # The driver's own Date type (it also holds days outside Python's range) -> datetime.date.
+        if isinstance(values[name], Date):
+            values[name] = values[name].date()
+    return StoredEvent(**values)
 
 
 def aresult(future: ResponseFuture) -> asyncio.Future[list[Any]]:

@@ -18,6 +18,11 @@ UNACKED_MUTEX: Final = "sluice:unacked_mutex"
 #: Hash of dead-lettered events: field ``event_id`` (or a message id), value a JSON record with the reason.
 DEAD_LETTERS: Final = "sluice:dead"
 
+#: ``{prefix}{event_id}`` -> acceptance time, set by the API once an event is queued and deleted by the worker
+#: once it is written (or dead-lettered); it expires on its own after QUEUED_TTL_S. Answers "is it queued?".
+QUEUED_PREFIX: Final = "sluice:queued:"
+QUEUED_TTL_S: Final = 86_400
+
 #: Counter of events written to Cassandra, used to estimate the drain rate for ``Retry-After``.
 WRITTEN_TOTAL: Final = "sluice:written_total"
 

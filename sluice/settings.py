@@ -81,6 +81,11 @@ class Settings(BaseSettings):
 
     #: Log level of every Sluice process.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: ``json``: one JSON object per line (for log pipelines); ``text``: plain lines (for a terminal).
+    log_format: Literal["json", "text"] = "json"
+    #: Port on which ``python -m worker`` serves its processes' Prometheus metrics; unset: not served
+    #: (``make up`` shares one metrics directory, so the API's /metrics already includes the workers).
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     # --- CloudWatch publisher (python -m worker.cloudwatch, beside the workers on AWS) ------------
     cloudwatch_namespace: str = "Sluice"

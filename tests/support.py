@@ -104,7 +104,13 @@ def service_env(profile: Profile, **extra: str) -> dict[str, str]:
     return (
         profile.service_env()
         | TEST_TIMINGS
-        | {"SLUICE_API_PORT": str(profile.api_port), "SLUICE_LOG_LEVEL": "INFO", "SLUICE_API_KEYS": TEST_KEY}
+        | {
+            "SLUICE_API_PORT": str(profile.api_port),
+            "SLUICE_LOG_LEVEL": "INFO",
+            "SLUICE_API_KEYS": TEST_KEY,
+            # One directory for the whole test stack: the API's /metrics then shows every process.
+            "PROMETHEUS_MULTIPROC_DIR": str(profile.root / "metrics"),
+        }
         | extra
     )
 

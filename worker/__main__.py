@@ -14,6 +14,9 @@ from sluice.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> None:
+    # prometheus_client needs its multiprocess directory to exist before anything imports it.
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
     setup_logging()
     from worker.app import app, settings
 

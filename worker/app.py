@@ -13,9 +13,11 @@ from typing import Any
 
 import redis
 from celery import bootsteps
-from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+from prometheus_client import start_http_server
 
 from sluice.cassandra import Store
+from sluice.metrics import mark_process_dead, registry
 from sluice.queue import make_celery
 from sluice.settings import get_settings
 from worker.writer import EventWriter
@@ -88,6 +90,14 @@ def _open_clients(**_: Any) -> None:
 @worker_shutdown.connect
 def _close_clients(**_: Any) -> None:
     clients.close()
+    mark_process_dead(os.getpid())
+
+
+@worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    if settings.worker_metrics_port is not None:
+        start_http_server(settings.worker_metrics_port, registry=registry())
+        log.info("serving Prometheus metrics on :%d/metrics", settings.worker_metrics_port)
 
 
 class RestoreUnacked(bootsteps.StartStopStep):

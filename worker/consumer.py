@@ -19,7 +19,7 @@ log = logging.getLogger("sluice.worker")
 
 
 class DeadLetteringConsumer(Consumer):
-    def _dead_letter(self, message: Any, reason: str) -> bool:
+    def _dead_letter(self, message: Any, reason: str, kind: str) -> bool:
         from worker.app import clients
 
         body = message.body
@@ -27,7 +27,7 @@ class DeadLetteringConsumer(Consumer):
         headers = dict(message.headers or {})
         record = {"message_body": text[:100_000], "task": headers.get("task"), "id": headers.get("id")}
         try:
-            deadletters.add(clients.redis, [(record, reason)], task_id=headers.get("id"), attempts=1)
+            deadletters.add(clients.redis, [(record, reason)], task_id=headers.get("id"), attempts=1, kind=kind)
         except Exception as exc:  # noqa: BLE001
             log.error("could not dead-letter a message (%s): %r; leaving it unacknowledged", reason, exc)
             return False
@@ -35,17 +35,17 @@ class DeadLetteringConsumer(Consumer):
         return True
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
-        if self._dead_letter(message, f"undecodable message ({message.content_type}): {exc!r}"):
+        if self._dead_letter(message, f"undecodable message ({message.content_type}): {exc!r}", "undecodable"):
             message.ack()
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
-        if self._dead_letter(message, "message in an unknown format (not a Celery task)"):
+        if self._dead_letter(message, "message in an unknown format (not a Celery task)", "unknown_format"):
             message.ack()
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
-        if self._dead_letter(message, f"unknown task: {exc!r}"):
+        if self._dead_letter(message, f"unknown task: {exc!r}", "unknown_task"):
             message.ack()
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
-        if self._dead_letter(message, f"invalid task message: {exc!r}"):
+        if self._dead_letter(message, f"invalid task message: {exc!r}", "invalid_message"):
             message.ack()

@@ -16,12 +16,22 @@ from celery import Celery
 
 from sluice import keys
 from sluice.events import event_id_of
+from sluice.metrics import DEAD_LETTERS
 from sluice.queue import WRITE_EVENTS, make_celery
 from sluice.settings import get_settings
 
 
-def add(client: redis.Redis, items: Iterable[tuple[Any, str]], *, task_id: str | None, attempts: int) -> int:
-    """Record each ``(raw event, reason)``; keyed by event id, so dead-lettering twice keeps one entry."""
+def add(
+    client: redis.Redis,
+    items: Iterable[tuple[Any, str]],
+    *,
+    task_id: str | None,
+    attempts: int,
+    kind: str = "write_failed",
+) -> int:
+    """Record each ``(raw event, reason)``; keyed by event id, so dead-lettering twice keeps one entry.
+
+    ``kind`` (write_failed, invalid_event, malformed_task, undecodable, unknown_task, ...) labels the metric."""
     now = dt.datetime.now(dt.UTC).isoformat()
     mapping: dict[str, bytes] = {}
     for raw, reason in items:
@@ -30,6 +40,7 @@ def add(client: redis.Redis, items: Iterable[tuple[Any, str]], *, task_id: str |
         mapping[key] = orjson.dumps(record, default=str)
     if mapping:
         client.hset(keys.DEAD_LETTERS, mapping=mapping)
+        DEAD_LETTERS.labels(kind).inc(len(mapping))
     return len(mapping)
 
 

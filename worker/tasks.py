@@ -20,6 +20,7 @@ from celery.exceptions import Reject, Retry
 
 from sluice import keys
 from sluice.events import BookingEvent, ViewEvent, validate_event
+from sluice.metrics import EVENT_LAG, EVENTS_WRITTEN, TASK_RETRIES, WRITE_DURATION
 from sluice.queue import WRITE_EVENTS
 from worker import deadletters
 from worker.app import app, clients, settings
@@ -51,15 +52,36 @@ def backoff_s(retries: int) -> float:
     return float(ceiling * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not cryptography
 
 
-def _count_drained(events: int) -> None:
-    """Feed the drain rate the API's backpressure uses; best effort, a lost count only skews Retry-After."""
+def _count_drained(written: int, done: list[ViewEvent | BookingEvent]) -> None:
+    """Feed the drain rate the API's backpressure uses, and clear the "queued" marks of the events that are
+    done (written or dead-lettered). Best effort: a lost count only skews Retry-After, and a mark left
+    behind expires (and is never read for a stored event: the store is asked first)."""
     try:
         with clients.redis.pipeline(transaction=False) as pipe:
-            pipe.incrby(keys.WRITTEN_TOTAL, events)
+            pipe.incrby(keys.WRITTEN_TOTAL, written)
             pipe.incr(keys.DRAINED_MESSAGES)
+            if done:
+                pipe.delete(*(f"{keys.QUEUED_PREFIX}{event.event_id}" for event in done))
             pipe.execute()
     except Exception as exc:  # noqa: BLE001
         log.debug("could not count drained events: %r", exc)
+
+
+def _count_written(
+    valid: list[ViewEvent | BookingEvent], failed: list[tuple[ViewEvent | BookingEvent, Exception]], accepted_at: float
+) -> list[ViewEvent | BookingEvent]:
+    """Count the written events in the metrics; returns them."""
+    failed_ids = {id(event) for event, _ in failed}
+    written = [event for event in valid if id(event) not in failed_ids]
+    views = sum(1 for event in written if event.type == "view")
+    if views:
+        EVENTS_WRITTEN.labels("view").inc(views)
+    if len(written) > views:
+        EVENTS_WRITTEN.labels("booking").inc(len(written) - views)
+    if written:
+        # One observation per message: its events share the moment the API accepted them.
+        EVENT_LAG.observe(max(0.0, time.time() - accepted_at))
+    return written
 
 
 def _parse_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], float, list[str]] | str:
@@ -86,9 +108,9 @@ def write_events(self: Task[Any, Any], *args: Any, **kwargs: Any) -> int:
     parsed = _parse_arguments(args, kwargs)
     if isinstance(parsed, str):
         deadletters.add(clients.redis, [({"args": args, "kwargs": kwargs}, parsed)], task_id=self.request.id,
-                        attempts=attempt)  # fmt: skip
+                        attempts=attempt, kind="malformed_task")  # fmt: skip
         log.error("dead-lettered task %s: %s", self.request.id, parsed)
-        _count_drained(0)
+        _count_drained(0, [])
         return 0
     events, accepted_at, request_ids = parsed
 
@@ -103,7 +125,7 @@ def write_events(self: Task[Any, Any], *args: Any, **kwargs: Any) -> int:
             valid.append(outcome)
     if rejected:
         # A message from an older or broken producer must not block the valid events it carries.
-        deadletters.add(clients.redis, rejected, task_id=self.request.id, attempts=attempt)
+        deadletters.add(clients.redis, rejected, task_id=self.request.id, attempts=attempt, kind="invalid_event")
         log.warning("dead-lettered %d invalid events of task %s", len(rejected), self.request.id)
 
     accepted = dt.datetime.fromtimestamp(accepted_at, dt.UTC)
@@ -111,12 +133,14 @@ def write_events(self: Task[Any, Any], *args: Any, **kwargs: Any) -> int:
         failed = clients.writer.write(valid, accepted)
     except Exception as exc:  # noqa: BLE001 - e.g. no connection at all: every event failed
         failed = [(event, exc) for event in valid]
-    written = len(valid) - len(failed)
+    took = time.perf_counter() - started
+    WRITE_DURATION.observe(took)
+    done = _count_written(valid, failed, accepted_at)
+    written = len(done)
     if not failed:
-        took_ms = (time.perf_counter() - started) * 1000
-        log.info("wrote %d events in %.1f ms (task %s, attempt %d, requests %s)", written, took_ms,
-                 self.request.id, attempt, ",".join(request_ids)[:200])  # fmt: skip
-        _count_drained(written)
+        log.info("wrote %d events in %.1f ms (task %s, attempt %d)", written, took * 1000, self.request.id,
+                 attempt, extra={"task_id": self.request.id, "request_ids": request_ids})  # fmt: skip
+        _count_drained(written, done)
         return written
 
     error = failed[0][1]
@@ -132,9 +156,10 @@ def write_events(self: Task[Any, Any], *args: Any, **kwargs: Any) -> int:
         )
         log.error("dead-lettered %d events of task %s after %d attempts: %r", len(failed), self.request.id,
                   attempt, error)  # fmt: skip
-        _count_drained(written)
+        _count_drained(written, done + [event for event, _ in failed])
         return written
     countdown = backoff_s(self.request.retries)
+    TASK_RETRIES.inc()
     log.warning("writing %d of %d events failed (attempt %d), retrying in %.1f s: %r", len(failed), len(valid),
                 attempt, countdown, error)  # fmt: skip
     try:

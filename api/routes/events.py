@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from typing import Any, Literal
 from uuid import UUID
 
+import orjson
+from asgi_correlation_id import correlation_id
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from api.body import read_json
-from api.deps import AUTHORIZED, QUEUE_HAS_ROOM, PublisherDep, SettingsDep, StoreDep
+from api.deps import AUTHORIZED, QUEUE_HAS_ROOM, PublisherDep, ResourcesDep, SettingsDep, StoreDep
 from api.errors import ApiError, ErrorBody
 from api.publisher import PublishError
 from api.responses import JSONResponse
-from sluice.events import BookingEvent, FieldError, ViewEvent, event_id_of, validate_event
+from sluice import keys
+from sluice.events import EVENT_TYPES, BookingEvent, FieldError, ViewEvent, event_id_of, validate_event
+from sluice.metrics import EVENTS_ACCEPTED, EVENTS_REJECTED
 
 router = APIRouter(prefix="/v1", tags=["events"], dependencies=[AUTHORIZED])
 
@@ -52,6 +57,23 @@ class StoredEventOut(BaseModel):
     accepted_at: str | None = Field(default=None, description="When the API acknowledged the event (UTC)")
 
 
+class EventLocation(BaseModel):
+    """Where an event is: ``stored`` (with the event as written), ``queued``, or ``dead_lettered``."""
+
+    event_id: UUID
+    status: Literal["stored", "queued", "dead_lettered"]
+    event: StoredEventOut | None = Field(default=None, description="The event as stored (status 'stored')")
+    write_time: str | None = Field(
+        default=None,
+        description="Cassandra's write time of the stored cells: derived from occurred_at, so that rewrites "
+        "after a redelivery are identical (see docs/guarantees.md)",
+    )
+    accepted_at: str | None = Field(default=None, description="When the API acknowledged it (status 'queued')")
+    reason: str | None = Field(default=None, description="Why the worker gave up on it (status 'dead_lettered')")
+    failed_at: str | None = None
+    attempts: int | None = None
+
+
 def _errors(status: int, description: str) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody, "description": description}}
 
@@ -85,14 +107,19 @@ def _batch_error(code: str, message: str, loc: list[str | int], kind: str, msg: 
     return ApiError(422, code, message, [{"loc": loc, "msg": msg, "type": kind}])
 
 
-def _request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    return given[:64] if given.isprintable() and given else uuid.uuid4().hex
+def _count_rejected(raw: Any) -> None:
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    EVENTS_REJECTED.labels(kind if kind in EVENT_TYPES else "unknown").inc()
 
 
 async def _queue(publisher: PublisherDep, events: list[dict[str, Any]], request: Request) -> None:
     try:
-        await publisher.submit(events, _request_id(request))
+        await publisher.submit(events, correlation_id.get() or uuid.uuid4().hex)
+        views = sum(1 for event in events if event["type"] == "view")
+        if views:
+            EVENTS_ACCEPTED.labels("view").inc(views)
+        if len(events) > views:
+            EVENTS_ACCEPTED.labels("booking").inc(len(events) - views)
     except PublishError as exc:
         if exc.definite:
             raise ApiError(
@@ -117,6 +144,7 @@ async def post_event(request: Request, settings: SettingsDep, publisher: Publish
     raw = await read_json(request, settings.max_body_bytes)
     event = validate_event(raw, max_future_s=settings.max_clock_skew_s)
     if isinstance(event, list):
+        _count_rejected(raw)
         raise ApiError(422, "invalid_event", "the event is invalid", [e.model_dump() for e in event])
     await _queue(publisher, [event.model_dump(mode="json")], request)
     event_id = str(event.event_id)
@@ -166,6 +194,7 @@ async def post_batch(request: Request, settings: SettingsDep, publisher: Publish
     for index, item in enumerate(items):
         outcome = validate_event(item, ("events", index), max_future_s=settings.max_clock_skew_s)
         if isinstance(outcome, list):
+            _count_rejected(item)
             errors = [e.model_dump() for e in outcome]
             all_errors += errors
             results.append({"index": index, "event_id": event_id_of(item), "status": "rejected", "errors": errors})
@@ -182,21 +211,41 @@ async def post_batch(request: Request, settings: SettingsDep, publisher: Publish
 
 @router.get(
     "/events/{event_id}",
-    response_model=StoredEventOut,
+    response_model=EventLocation,
     responses={
         **AUTH_ERRORS,
         **_errors(404, "No event with this id is stored (yet)."),
         **_errors(422, "The event id is not a UUID."),
         **_errors(503, "Cassandra is unreachable."),
     },
-    summary="Read back one stored event",
+    summary="Where one event is: stored (as written), queued, or dead-lettered",
 )
-async def get_event(event_id: UUID, store: StoreDep) -> JSONResponse:
+async def get_event(event_id: UUID, store: StoreDep, resources: ResourcesDep) -> JSONResponse:
     try:
         stored = await store.get_event(event_id)
+        written = await store.write_time(event_id) if stored is not None else None
     except Exception as exc:  # noqa: BLE001 - a failed read is the store's fault, not the caller's
         raise ApiError(503, "store_unavailable", f"reading from Cassandra failed: {exc}",
                        headers={"Retry-After": "2"}) from None  # fmt: skip
-    if stored is None:
-        raise ApiError(404, "not_found", f"no event {event_id} is stored")
-    return JSONResponse(stored.as_json())
+    if stored is not None:
+        return JSONResponse({
+            "event_id": str(event_id), "status": "stored", "event": stored.as_json(),
+            "write_time": written.isoformat(timespec="milliseconds").replace("+00:00", "Z") if written else None,
+        })  # fmt: skip
+    # Not in Cassandra (yet): dead-lettered, or still queued (the API marks what it queued; workers clear it).
+    async with resources.redis.pipeline(transaction=False) as pipe:
+        pipe.hget(keys.DEAD_LETTERS, str(event_id))
+        pipe.get(f"{keys.QUEUED_PREFIX}{event_id}")
+        dead, queued = await pipe.execute()
+    if dead is not None:
+        record = orjson.loads(dead)
+        return JSONResponse({
+            "event_id": str(event_id), "status": "dead_lettered", "reason": record.get("reason"),
+            "failed_at": record.get("failed_at"), "attempts": record.get("attempts"),
+        })  # fmt: skip
+    if queued is not None:
+        accepted = dt.datetime.fromtimestamp(float(queued), dt.UTC).isoformat(timespec="milliseconds")
+        return JSONResponse(
+            {"event_id": str(event_id), "status": "queued", "accepted_at": accepted.replace("+00:00", "Z")}
+        )
+    raise ApiError(404, "not_found", f"no event {event_id} is stored, queued or dead-lettered")

@@ -1,0 +1,189 @@
+"""Reads of one listing: its events in time order (paged across day partitions) and per-day statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import hashlib
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import orjson
+from fastapi import APIRouter, Path, Query
+from pydantic import AwareDatetime, BaseModel
+
+from api.deps import AUTHORIZED, StoreDep
+from api.errors import ApiError
+from api.responses import JSONResponse
+from api.routes.events import AUTH_ERRORS, StoredEventOut, _errors
+from sluice.cassandra import Store
+
+router = APIRouter(prefix="/v1/listings", tags=["listings"], dependencies=[AUTHORIZED])
+
+#: The widest time range one request may cover: it bounds the day partitions one page may visit.
+MAX_RANGE = dt.timedelta(days=92)
+DEFAULT_RANGE = dt.timedelta(days=7)
+#: Sorts before every real (version 1..5) UUID, so (t, ZERO) is the first position at instant t.
+ZERO = UUID(int=0)
+ListingId = Annotated[int, Path(gt=0, le=2**63 - 1)]
+
+
+class EventsPage(BaseModel):
+    events: list[StoredEventOut]
+    next_page_token: str | None
+
+
+class DayStats(BaseModel):
+    day: dt.date
+    views: int
+    bookings: int
+
+
+class Stats(BaseModel):
+    listing_id: int
+    days: list[DayStats]
+    views: int
+    bookings: int
+
+
+def _range(start: dt.datetime | None, end: dt.datetime | None) -> tuple[dt.datetime, dt.datetime]:
+    end = (end or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+    start = (start or end - DEFAULT_RANGE).astimezone(dt.UTC)
+    if start >= end:
+        raise ApiError(422, "invalid_range", "'from' must be before 'to'", [{"loc": ["query", "from"],
+                       "msg": "must be before 'to'", "type": "value_error"}])  # fmt: skip
+    if end - start > MAX_RANGE:
+        raise ApiError(422, "invalid_range", f"a request covers at most {MAX_RANGE.days} days",
+                       [{"loc": ["query", "from"], "msg": f"at most {MAX_RANGE.days} days before 'to'",
+                         "type": "value_error"}])  # fmt: skip
+    return start, end
+
+
+def _query_hash(listing_id: int, kind: str | None, start: dt.datetime, end: dt.datetime) -> str:
+    return hashlib.sha256(f"{listing_id}|{kind}|{start.isoformat()}|{end.isoformat()}".encode()).hexdigest()[:16]
+
+
+def _encode_token(query: str, day: dt.date, position: tuple[dt.datetime, UUID]) -> str:
+    ms = int(position[0].replace(tzinfo=dt.UTC).timestamp() * 1000)
+    raw = orjson.dumps({"q": query, "d": day.isoformat(), "t": ms, "e": str(position[1])})
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _bad_token(why: str) -> ApiError:
+    return ApiError(422, "invalid_page_token", f"page_token is not valid here: {why}",
+                    [{"loc": ["query", "page_token"], "msg": why, "type": "value_error"}])  # fmt: skip
+
+
+def _decode_token(token: str, query: str) -> tuple[dt.date, tuple[dt.datetime, UUID]]:
+    try:
+        data = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        day = dt.date.fromisoformat(data["d"])
+        at = dt.datetime.fromtimestamp(int(data["t"]) / 1000, dt.UTC)
+        event_id = UUID(data["e"])
+        same_query = data["q"] == query
+    except (binascii.Error, orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
+        raise _bad_token("it was not made by this API") from None
+    if not same_query:
+        raise _bad_token("it belongs to a query with other parameters")
+    return day, (at, event_id)
+
+
+@router.get(
+    "/{listing_id}/events",
+    response_model=EventsPage,
+    responses={**AUTH_ERRORS, **_errors(422, "Invalid parameters."), **_errors(503, "Cassandra is unreachable.")},
+    summary="A listing's events in time order, paged",
+)
+async def listing_events(
+    listing_id: ListingId,
+    store: StoreDep,
+    type: Annotated[Literal["view", "booking"] | None, Query(description="Only events of this type")] = None,
+    from_: Annotated[AwareDatetime | None, Query(alias="from", description="Inclusive; default: 'to' - 7 days")] = None,
+    to: Annotated[AwareDatetime | None, Query(description="Exclusive; default: now")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    page_token: Annotated[str | None, Query(max_length=512, description="From the previous page")] = None,
+) -> JSONResponse:
+    start, end = _range(from_, to)
+    query = _query_hash(listing_id, type, start, end)
+    day, position = (start.date(), (start, ZERO))
+    inclusive = True
+    if page_token:
+        day, position = _decode_token(page_token, query)
+        inclusive = False
+    out: list[dict[str, Any]] = []
+    positions: list[tuple[dt.date, tuple[dt.datetime, UUID]]] = []
+    # One row more than asked for tells whether there is a next page (so the last page has no token).
+    wanted = limit + 1
+    # Over-fetch when filtering by type: rows of the other type are skipped in the app.
+    fetch = wanted if type is None else min(1001, wanted * 4)
+    try:
+        while day <= end.date() and len(out) < wanted:
+            day_end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
+            upper = (min(end, day_end), ZERO)
+            rows = await store.listing_day(listing_id, day, position, upper, fetch, inclusive=inclusive)
+            for row in rows:
+                position, inclusive = (row.occurred_at, row.event_id), False
+                if type is None or row.type == type:
+                    out.append(row.as_json())
+                    positions.append((day, position))
+                    if len(out) == wanted:
+                        break
+            if len(rows) < fetch and len(out) < wanted:
+                # This day is exhausted: the next one starts at midnight, inclusive.
+                day = day + dt.timedelta(days=1)
+                position, inclusive = (dt.datetime.combine(day, dt.time(), dt.UTC), ZERO), True
+    except ApiError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a failed read is the store's fault, not the caller's
+        raise ApiError(503, "store_unavailable", f"reading from Cassandra failed: {exc}",
+                       headers={"Retry-After": "2"}) from None  # fmt: skip
+    token = _encode_token(query, *positions[limit - 1]) if len(out) > limit else None
+    return JSONResponse({"events": out[:limit], "next_page_token": token})
+
+
+@router.get(
+    "/{listing_id}/stats",
+    response_model=Stats,
+    responses={**AUTH_ERRORS, **_errors(422, "Invalid parameters."), **_errors(503, "Cassandra is unreachable.")},
+    summary="Views and bookings of a listing per UTC day (exact: rows are counted, never counters)",
+)
+async def listing_stats(
+    listing_id: ListingId,
+    store: StoreDep,
+    from_: Annotated[dt.date | None, Query(alias="from", description="First day (UTC); default: 'to' - 6")] = None,
+    to: Annotated[dt.date | None, Query(description="Last day (UTC), inclusive; default: today")] = None,
+) -> JSONResponse:
+    last = to or dt.datetime.now(dt.UTC).date()
+    first = from_ or last - dt.timedelta(days=6)
+    if first > last or (last - first) >= MAX_RANGE:
+        raise ApiError(422, "invalid_range", f"'from' must not be after 'to', and at most {MAX_RANGE.days} days",
+                       [{"loc": ["query", "from"], "msg": "invalid range", "type": "value_error"}])  # fmt: skip
+    days = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
+    try:
+        counts = await _count_days(store, listing_id, days)
+    except Exception as exc:  # noqa: BLE001
+        raise ApiError(503, "store_unavailable", f"reading from Cassandra failed: {exc}",
+                       headers={"Retry-After": "2"}) from None  # fmt: skip
+    per_day = [
+        {"day": day.isoformat(), "views": views, "bookings": bookings}
+        for day, (views, bookings) in zip(days, counts, strict=True)
+    ]
+    return JSONResponse({
+        "listing_id": listing_id, "days": per_day,
+        "views": sum(v for v, _ in counts), "bookings": sum(b for _, b in counts),
+    })  # fmt: skip
+
+
+async def _count_days(store: Store, listing_id: int, days: list[dt.date]) -> list[tuple[int, int]]:
+    gate = asyncio.Semaphore(32)  # a 92-day range is 184 counts: keep a bounded number in flight
+
+    async def count(day: dt.date, kind: str) -> int:
+        async with gate:
+            return await store.count_day(listing_id, day, kind)
+
+    views = asyncio.gather(*(count(day, "view") for day in days))
+    bookings = asyncio.gather(*(count(day, "booking") for day in days))
+    v, b = await asyncio.gather(views, bookings)
+    return list(zip(v, b, strict=True))

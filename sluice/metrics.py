@@ -1,0 +1,77 @@
+"""Every Prometheus metric Sluice exports, in one place (the Grafana dashboard's queries name these).
+
+Several API processes (uvicorn workers) and worker processes (Celery's prefork pool) each count on their own;
+prometheus_client's multiprocess mode adds them up. It reads ``PROMETHEUS_MULTIPROC_DIR`` when it is first
+imported, so the launcher sets it in the environment of every process: ``make up`` and the tests give all
+processes of a stack one fresh directory, so the API's ``/metrics`` shows the workers too; the image sets
+one per container, and a worker can serve its own processes' metrics on ``SLUICE_WORKER_METRICS_PORT``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
+
+EVENTS_ACCEPTED = Counter("sluice_events_accepted_total", "Events accepted (202) by the API", ["type"])
+EVENTS_REJECTED = Counter(
+    "sluice_events_rejected_total", "Events refused by validation, by type as sent (or 'unknown')", ["type"]
+)
+PUBLISH_BATCH_EVENTS = Histogram(
+    "sluice_publish_batch_events", "Events per message the API publishes", buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500)
+)
+PUBLISH_FAILURES = Counter("sluice_publish_failures_total", "Messages the API could not publish", ["outcome"])
+QUEUE_DEPTH = Gauge(
+    "sluice_queue_depth",
+    "Messages waiting in the Redis queue (as the API last sampled it)",
+    multiprocess_mode="livemostrecent",
+)
+EVENTS_WRITTEN = Counter("sluice_events_written_total", "Events written to Cassandra by the workers", ["type"])
+WRITE_DURATION = Histogram(
+    "sluice_write_duration_seconds", "Time to write one task's events to Cassandra", buckets=_LATENCY_BUCKETS
+)
+TASK_RETRIES = Counter("sluice_task_retries_total", "Tasks retried after a failed Cassandra write")
+DEAD_LETTERS = Counter("sluice_dead_letters_total", "Events or messages sent to the dead-letter store", ["reason"])
+EVENT_LAG = Histogram(
+    "sluice_event_lag_seconds", "From the API's acceptance (202) to the event being stored", buckets=_LAG_BUCKETS
+)
+
+
+def registry() -> CollectorRegistry:
+    """The registry to expose: every process's samples in multiprocess mode, else this process's."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        reg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(reg)  # type: ignore[no-untyped-call]
+        return reg
+    from prometheus_client import REGISTRY
+
+    return REGISTRY
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a finished process's live gauges (its counters still count)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+# Every label value we know of starts at zero, so dashboards and alerts see the series before the first event.
+for _kind in ("view", "booking"):
+    EVENTS_ACCEPTED.labels(_kind)
+    EVENTS_WRITTEN.labels(_kind)
+    EVENTS_REJECTED.labels(_kind)
+EVENTS_REJECTED.labels("unknown")
+for _outcome in ("refused", "unknown"):
+    PUBLISH_FAILURES.labels(_outcome)
+for _reason in (
+    "write_failed",
+    "invalid_event",
+    "malformed_task",
+    "undecodable",
+    "unknown_task",
+    "invalid_message",
+    "unknown_format",
+):
+    DEAD_LETTERS.labels(_reason)
