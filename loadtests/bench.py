@@ -1,0 +1,559 @@
+"""``make bench``: how far the pipeline goes on this machine, everything co-located, end to end into Cassandra.
+
+    .venv/bin/python -m loadtests.bench [--api-workers N] [--worker-concurrency N] [--worker-procs N] ...
+
+Uses the stack answering on 127.0.0.1:8000, or starts one and stops it at the end (also on Ctrl-C). Load
+comes from a lean asyncio generator on raw keep-alive HTTP/1.1 connections (``loadtests/loadgen.py``):
+open-loop fixed-rate scheduling with latency measured from each request's due time; its own CPU is
+reported. Phases, each checked end to end (every accepted event stored exactly once in Cassandra):
+
+1. single: rising fixed rates of ``POST /v1/events`` (``--steps``, ``--step-s`` each), stopping at the first
+   step that fails, then ``--refine`` bisections between the best pass and the first failure. A step passes
+   when every request got 202, the achieved rate is >= 99% of the target, p99 < ``--p99-ms``, the queue is
+   drained within ``--max-lag-s`` after the last request, and no event is lost or duplicated.
+2. drain: workers stopped (or, for a stack we did not start, told to stop consuming), the queue filled with
+   ``--fill-events`` through the API, workers started: events/s from the first message taken to drained.
+3. batch: ``POST /v1/events/batch`` of 100 events, closed loop; events/s from the first request until the
+   queue is drained. Sized to about ``--batch-s`` seconds of the drain rate just measured (at most
+   ``--batch-events``), so a slow worker does not make the run overrun.
+4. lag: ``--lag-rate`` requests/s for ``--lag-s``; every ``--lag-sample``-th event is polled in
+   ``events_by_id`` from the moment its 202 came back: p50/p99 of accepted -> readable.
+5. memory: peak RSS (VmHWM) of the API processes, each worker instance (main + pool), Cassandra.
+
+Prints a table and writes ``build/bench/summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import subprocess
+import sys
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import orjson
+import redis
+import uvloop
+
+from devstack import StackError
+from loadtests.benchparts import EventFactory, LagPoller, Meter, ok_records
+from loadtests.common import (
+    BUILD,
+    DEFAULT_HOST,
+    PROJECT,
+    code_state,
+    ignore_signals,
+    loopback_target,
+    raise_on_sigterm,
+    resolve_api_key,
+    say,
+)
+from loadtests.loadgen import OnResponse, Result, generate
+from loadtests.stack import REDIS_URL, Stack, StackConfig
+from loadtests.verify import Accepted, Checker, CheckResult, queue_depth, wait_drained
+
+OUT = BUILD / "bench"
+T = TypeVar("T")
+
+TARGETS: dict[str, tuple[str, float]] = {
+    "single_rps": (">=", 2500),
+    "batch_events_per_s": (">=", 50_000),
+    "drain_events_per_s": (">=", 20_000),
+    "lag_p99_ms": ("<=", 2000),
+    "api_rss_mb": ("<=", 150),
+    "lost": ("<=", 0),
+    "duplicated": ("<=", 0),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"the API, on this machine only ({DEFAULT_HOST})")
+    p.add_argument("--api-key", default=None, help="else $SLUICE_LOADTEST_API_KEY, .data/dev/api-key, 'dev-key'")
+    g = p.add_argument_group("stack (when this run starts it)")
+    g.add_argument("--api-workers", type=int, default=None, help="SLUICE_API_WORKERS (default: project's, 1)")
+    g.add_argument("--worker-concurrency", type=int, default=None, help="SLUICE_WORKER_CONCURRENCY (default 2)")
+    g.add_argument("--worker-procs", type=int, default=1, help="`python -m worker` processes (1)")
+    g = p.add_argument_group("phases")
+    g.add_argument("--steps", default="250,500,1000,1500,2000,2500,3000,4000,5000",
+                   help="single-event rates to try, requests/s")  # fmt: skip
+    g.add_argument("--step-s", type=float, default=10.0, help="seconds per rate step (10)")
+    g.add_argument("--refine", type=int, default=2, help="bisections after the first failing step (2)")
+    g.add_argument("--p99-ms", type=float, default=50.0, help="API p99 bound of a passing step (50)")
+    g.add_argument("--max-lag-s", type=float, default=2.0, help="a passing step's queue drains within this (2)")
+    g.add_argument("--connections", type=int, default=64, help="keep-alive connections, single events (64)")
+    g.add_argument("--batch-events", type=int, default=100_000, help="most events of the batch phase (100,000)")
+    g.add_argument("--batch-s", type=float, default=20.0, help="size the batch phase to ~this many s of drain (20)")
+    g.add_argument("--batch-connections", type=int, default=4, help="connections in the batch phase (4)")
+    g.add_argument("--fill-events", type=int, default=40_000, help="events queued for the drain phase (40,000)")
+    g.add_argument("--lag-rate", type=float, default=1000.0, help="requests/s of the lag phase (1,000)")
+    g.add_argument("--lag-s", type=float, default=15.0, help="seconds of the lag phase (15)")
+    g.add_argument("--lag-sample", type=int, default=5, help="poll every N-th event of the lag phase (5)")
+    g.add_argument("--listings", type=int, default=10_000, help="listings per phase, Zipf popularity (10,000)")
+    g.add_argument("--budget-s", type=float, default=330.0,
+                   help="stop adding rate steps when the run would overrun this many seconds (330)")  # fmt: skip
+    g.add_argument("--skip", default="", help="phases to skip, comma-separated: single,batch,drain,lag")
+    g.add_argument("--py-spy", action="store_true",
+                   help="profile the API during the lag phase and the workers during the drain phase")  # fmt: skip
+    g.add_argument("--py-spy-format", default="flamegraph", choices=["flamegraph", "raw", "speedscope"])
+    return p.parse_args(argv)
+
+
+def run_async(coro_fn: Callable[[], Any]) -> Any:
+    return uvloop.run(coro_fn())
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, stack: Stack, api_key: str) -> None:
+        self.args = args
+        self.stack = stack
+        self.host, self.port = loopback_target(args.host)
+        self.redis = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
+        self.checker = Checker()
+        self.factory = EventFactory(self.host, self.port, api_key, args.listings)
+        self.meter = Meter(stack.processes)
+        self.checked = 0
+        self.lost = 0
+        self.duplicated = 0
+        self.details: dict[str, Any] = {}
+
+    def close(self) -> None:
+        self.checker.close()
+        self.redis.close()
+
+    # --- helpers -----------------------------------------------------------------------------------------
+    def load(
+        self,
+        requests: Sequence[bytes],
+        *,
+        rate: float | None,
+        connections: int,
+        max_seconds: float,
+        on_response: OnResponse | None = None,
+    ) -> Result:
+        async def go() -> Result:
+            return await generate(self.host, self.port, requests, connections=connections, rate=rate,
+                                  max_seconds=max_seconds, on_response=on_response)  # fmt: skip
+
+        result: Result = run_async(go)
+        return result
+
+    def settle(self, timeout: float) -> float | None:
+        """Seconds until the queue is empty and nothing unacknowledged (polled every 20 ms), None on timeout."""
+        return wait_drained(self.redis, timeout, every=0.02, note_every=5.0)
+
+    def verify(self, records: Sequence[Accepted], drained: bool) -> CheckResult:
+        if len(records) >= 5000:
+            say(f"  checking {len(records):,} events in Cassandra (both tables)")
+        if not drained:
+            self.checker.wait_stored(records, timeout=20)
+        result = self.checker.check(records)
+        self.checked += result.total
+        self.lost += len(result.lost)
+        self.duplicated += len(result.duplicated)
+        return result
+
+    def ensure_empty_queue(self) -> None:
+        waiting, unacked = queue_depth(self.redis)
+        if waiting or unacked:
+            say(f"  queue holds {waiting} messages ({unacked} unacknowledged): waiting for it to drain")
+            self.settle(120)
+
+    # --- phases ------------------------------------------------------------------------------------------
+    def warmup(self) -> None:
+        say("warm-up: 3 s at 100 requests/s (not counted)")
+        requests, records = self.factory.single(300, 100)
+        statuses = array("H", bytes(2 * len(requests)))
+        self.load(requests, rate=100, connections=min(16, self.args.connections), max_seconds=8,
+                  on_response=_recorder(statuses))  # fmt: skip
+        self.settle(30)
+        self.verify(ok_records(statuses, records), drained=True)
+
+    def single_step(self, rate: float) -> dict[str, Any]:
+        a = self.args
+        count = int(rate * a.step_s)
+        requests, records = self.factory.single(count, rate)
+        statuses = array("H", bytes(2 * count))
+        self.meter.start()
+        res = self.load(requests, rate=rate, connections=a.connections, max_seconds=a.step_s + 5,
+                        on_response=_recorder(statuses))  # fmt: skip
+        drained_s = self.settle(max(20.0, a.step_s * 2))
+        usage = self.meter.stop()
+        accepted = ok_records(statuses, records)
+        check = self.verify(accepted, drained_s is not None)
+        p99 = res.quantile_ms(0.99)
+        reasons = []
+        if res.ok < count:
+            reasons.append(f"{count - res.ok} of {count} requests not answered 202 {dict(res.statuses)}")
+        if res.achieved_rps < 0.99 * rate:
+            reasons.append(f"achieved {res.achieved_rps:.0f}/s < 99% of {rate:g}")
+        if not p99 < a.p99_ms:
+            reasons.append(f"p99 {p99:.1f} ms >= {a.p99_ms:g} ms")
+        if drained_s is None or drained_s > a.max_lag_s:
+            took = "not within the wait" if drained_s is None else f"{drained_s:.1f} s"
+            reasons.append(f"queue drained {took} after the last request (> {a.max_lag_s:g} s: workers behind)")
+        if check.lost or check.duplicated:
+            reasons.append(f"{len(check.lost)} lost, {len(check.duplicated)} duplicated")
+        step = {
+            "target_rps": rate,
+            "pass": not reasons,
+            "why_not": reasons,
+            "http": res.summary(),
+            "drained_after_s": None if drained_s is None else round(drained_s, 2),
+            "end_to_end_events_per_s": round(len(accepted) / (res.finished - res.started + (drained_s or 0.0)), 1),
+            "exactly_once": check.as_json(5),
+            "cpu": usage.as_json(),
+        }
+        verdict = "pass" if not reasons else "FAIL: " + "; ".join(reasons)
+        say(f"  {rate:6.0f}/s: achieved {res.achieved_rps:7.1f}/s  p50 {res.quantile_ms(0.5):6.1f} ms  "
+            f"p99 {p99:7.1f} ms  drained +{drained_s if drained_s is not None else math.inf:.1f} s  "
+            f"generator {100 * res.cpu_s / res.wall_s:.0f}% core  -> {verdict}")  # fmt: skip
+        return step
+
+    def single(self, deadline: float) -> dict[str, Any]:
+        """Rising rates until the first failure, then bisections; no new step once ``deadline`` is near."""
+        a = self.args
+        steps = [float(s) for s in a.steps.split(",") if s.strip()]
+        say(f"phase 1/4 single events: rising rates {', '.join(f'{s:g}' for s in steps)} req/s, {a.step_s:g} s each")
+        results: list[dict[str, Any]] = []
+        best: dict[str, Any] | None = None
+        failed_at: float | None = None
+        step_cost = a.step_s + 8
+        for rate in steps:
+            if time.monotonic() + step_cost > deadline:
+                say(f"  time budget reached: no step at {rate:g}/s (--budget-s)")
+                break
+            self.ensure_empty_queue()
+            step = self.single_step(rate)
+            results.append(step)
+            if step["pass"]:
+                best = step
+            else:
+                failed_at = rate
+                break
+        low = best["target_rps"] if best else 0.0
+        for _ in range(a.refine if failed_at is not None else 0):
+            assert failed_at is not None
+            mid = round((low + failed_at) / 2 / 25) * 25
+            if mid <= low or mid >= failed_at or failed_at - low < 50 or time.monotonic() + step_cost > deadline:
+                break
+            self.ensure_empty_queue()
+            step = self.single_step(mid)
+            results.append(step)
+            if step["pass"]:
+                best, low = step, mid
+            else:
+                failed_at = mid
+        out: dict[str, Any] = {"steps": results, "first_failing_rps": failed_at}
+        if best is not None:
+            out |= {
+                "single_rps": best["http"]["achieved_rps"],
+                "single_target_rps": best["target_rps"],
+                "single_p99_ms": best["http"]["p99_ms"],
+                "single_p50_ms": best["http"]["p50_ms"],
+                "single_cpu": best["cpu"],
+            }
+        else:
+            out |= {"single_rps": 0.0, "single_p99_ms": None}
+        return out
+
+    def batch(self, drain_rate: float | None) -> dict[str, Any]:
+        a = self.args
+        events = a.batch_events if not drain_rate else min(a.batch_events, max(10_000, drain_rate * a.batch_s))
+        count = max(1, int(events) // 100)
+        say(f"phase 3/4 batches: {count} x POST /v1/events/batch of 100 events, {a.batch_connections} connections")
+        self.ensure_empty_queue()
+        requests, records = self.factory.batches(count, 100)
+        statuses = array("H", bytes(2 * count))
+        self.meter.start()
+        res = self.load(requests, rate=None, connections=a.batch_connections, max_seconds=60,
+                        on_response=_recorder(statuses, all_accepted=True))  # fmt: skip
+        api_s = res.finished - res.started
+        drained_s = self.settle(180)
+        usage = self.meter.stop()
+        accepted = [rec for status, recs in zip(statuses, records, strict=True) if status == 202 for rec in recs]
+        end_to_end_s = api_s + (drained_s if drained_s is not None else math.nan)
+        check = self.verify(accepted, drained_s is not None)
+        out = {
+            "batch_events_per_s": round(len(accepted) / end_to_end_s, 1),
+            "batch_api_events_per_s": round(len(accepted) / api_s, 1),
+            "batch_requests": res.summary(),
+            "batch_events_accepted": len(accepted),
+            "batch_drained_after_api_s": None if drained_s is None else round(drained_s, 2),
+            "batch_exactly_once": check.as_json(5),
+            "batch_cpu": usage.as_json(),
+        }
+        say(f"  {len(accepted):,} events accepted in {api_s:.1f} s ({out['batch_api_events_per_s']:,.0f}/s at the "
+            f"API, p99 {res.quantile_ms(0.99):.0f} ms/request), stored {drained_s or math.inf:.1f} s later: "
+            f"{out['batch_events_per_s']:,.0f} events/s end to end")  # fmt: skip
+        return out
+
+    def drain(self) -> dict[str, Any]:
+        a = self.args
+        count = max(1, a.fill_events // 100)
+        say(f"phase 2/4 drain: stop consuming, queue {count * 100:,} events through the API, then start")
+        self.ensure_empty_queue()
+        self.stack.processes.sample()
+        paused = False
+        try:
+            if self.stack.external:
+                names = self.stack.pause_consumers()
+                paused = True
+                say(f"  told {len(names)} worker(s) of the running stack to stop consuming: {', '.join(names)}")
+            else:
+                self.stack.stop_workers()
+            requests, records = self.factory.batches(count, 100)
+            statuses = array("H", bytes(2 * count))
+            res = self.load(requests, rate=None, connections=a.batch_connections, max_seconds=90,
+                            on_response=_recorder(statuses, all_accepted=True))  # fmt: skip
+        except BaseException:
+            if paused:
+                self.stack.resume_consumers()  # never leave someone else's workers idle
+            raise
+        accepted = [rec for status, recs in zip(statuses, records, strict=True) if status == 202 for rec in recs]
+        messages, _ = queue_depth(self.redis)
+        say(f"  queued {len(accepted):,} events in {messages} messages ({res.wall_s:.1f} s); starting consumers")
+        profiler: subprocess.Popen[bytes] | None = None
+        self.meter.start()
+        started = time.perf_counter()
+        if self.stack.external:
+            self.stack.resume_consumers()
+        else:
+            self.stack.spawn_workers()
+        first_taken: float | None = None
+        done: float | None = None
+        next_note = started + 5
+        while time.perf_counter() - started < 300:
+            waiting, unacked = queue_depth(self.redis)
+            now = time.perf_counter()
+            if first_taken is None and (waiting < messages or unacked):
+                first_taken = now
+                if a.py_spy:
+                    self.stack.processes.refresh()
+                    profiler = self.py_spy("worker", [c.pids[0] for c in self.stack.processes.workers], 10)
+            if waiting == 0 and unacked == 0:
+                done = now
+                break
+            if now >= next_note:
+                say(f"  draining: {waiting} messages waiting, {unacked} being written ({now - started:.0f} s)")
+                next_note = now + 5
+            self.stack.check_workers()
+            time.sleep(0.02)
+        # The restarted workers are new processes: find them before reading their CPU time.
+        self.stack.processes.refresh()
+        usage = self.meter.stop()
+        if profiler is not None:
+            profiler.wait(60)
+        if not self.stack.external:
+            self.stack.wait_workers_ready()
+        check = self.verify(accepted, done is not None)
+        taken = first_taken or started
+        out = {
+            "drain_events_per_s": round(len(accepted) / (done - taken), 1) if done else 0.0,
+            "drain_events_per_s_incl_startup": round(len(accepted) / (done - started), 1) if done else 0.0,
+            "drain_events": len(accepted),
+            "drain_messages": messages,
+            "drain_startup_s": round(taken - started, 2),
+            "drain_s": None if done is None else round(done - taken, 2),
+            "fill_api_events_per_s": round(len(accepted) / res.wall_s, 1),
+            "drain_exactly_once": check.as_json(5),
+            "drain_cpu": usage.as_json(),
+        }
+        say(f"  drained in {out['drain_s']} s after the first message was taken ({out['drain_startup_s']} s to "
+            f"start): {out['drain_events_per_s']:,.0f} events/s")  # fmt: skip
+        return out
+
+    def lag(self) -> dict[str, Any]:
+        a = self.args
+        count = int(a.lag_rate * a.lag_s)
+        say(f"phase 4/4 lag: {a.lag_rate:g} requests/s for {a.lag_s:g} s, polling every {a.lag_sample}th event")
+        self.ensure_empty_queue()
+        requests, records = self.factory.single(count, a.lag_rate)
+        statuses = array("H", bytes(2 * count))
+        poller = LagPoller(self.checker)
+        sample = max(1, a.lag_sample)
+
+        def on_response(index: int, status: int, body: bytes, at: float) -> None:
+            statuses[index] = status
+            if status == 202 and index % sample == 0:
+                poller.inbox.put((records[index].event_id, at))
+
+        poller.start()
+        profiler = None
+        if a.py_spy:
+            profiler = self.py_spy("api", [c.pids[0] for c in self.stack.processes.api][:1], min(10.0, a.lag_s))
+        self.meter.start()
+        res = self.load(requests, rate=a.lag_rate, connections=a.connections, max_seconds=a.lag_s + 5,
+                        on_response=on_response)  # fmt: skip
+        poller.finish(timeout=30)
+        drained_s = self.settle(60)
+        usage = self.meter.stop()
+        if profiler is not None:
+            profiler.wait(60)
+        check = self.verify(ok_records(statuses, records), drained_s is not None)
+        lag = poller.summary()
+        out = {
+            "lag_p50_ms": lag["p50_ms"],
+            "lag_p99_ms": lag["p99_ms"],
+            "lag": lag,
+            "lag_http": res.summary(),
+            "lag_exactly_once": check.as_json(5),
+            "lag_cpu": usage.as_json(),
+        }
+        say(f"  achieved {res.achieved_rps:.0f}/s (p99 {res.quantile_ms(0.99):.0f} ms); accepted -> readable: "
+            f"p50 {lag['p50_ms']} ms, p99 {lag['p99_ms']} ms over {lag['samples']} samples")  # fmt: skip
+        return out
+
+    def memory(self) -> dict[str, Any]:
+        procs = self.stack.processes
+        procs.sample()
+        api = procs.peaks_mb("api")
+        workers = procs.peaks_mb("worker")
+        cassandra = procs.peaks_mb("cassandra")
+        redis_mb = procs.peaks_mb("redis")
+        return {
+            "api_rss_mb": round(max(api), 1) if api else None,
+            "api_rss_mb_each": [round(v, 1) for v in api],
+            "worker_rss_mb": round(max(workers), 1) if workers else None,
+            "worker_rss_mb_each_instance": [round(v, 1) for v in workers],
+            "cassandra_rss_mb": round(max(cassandra), 1) if cassandra else None,
+            "redis_rss_mb": round(max(redis_mb), 1) if redis_mb else None,
+        }
+
+    def py_spy(self, role: str, pids: list[int], seconds: float) -> subprocess.Popen[bytes] | None:
+        if not pids:
+            return None
+        ext = {"flamegraph": "svg", "raw": "txt", "speedscope": "json"}[self.args.py_spy_format]
+        path = OUT / f"profile-{role}.{ext}"
+        argv = [str(PROJECT / ".venv" / "bin" / "py-spy"), "record", "--pid", str(pids[0]), "--duration",
+                str(max(1, int(seconds))), "--format", self.args.py_spy_format, "-o", str(path),
+                "--subprocesses", "--nonblocking", "--gil"]  # fmt: skip
+        say(f"  py-spy: recording the {role} (pid {pids[0]} and children) for {seconds:.0f} s into {path.name}")
+        log = (OUT / f"py-spy-{role}.log").open("wb")
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _recorder(statuses: array[int], all_accepted: bool = False) -> OnResponse:
+    """Keep each request's status; with ``all_accepted``, a 202 that rejected any event counts as 299."""
+
+    def on_response(index: int, status: int, body: bytes, at: float) -> None:
+        if all_accepted and status == 202 and b'"rejected":0,' not in body:
+            status = 299
+        statuses[index] = status
+
+    return on_response
+
+
+def verdict(name: str, value: Any) -> str:
+    op, target = TARGETS[name]
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    met = value >= target if op == ">=" else value <= target
+    return "met" if met else "MISSED"
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    offered = summary["parameters"]["lag_rate"]
+    achieved = summary.get("lag_http", {}).get("achieved_rps")
+    lag_note = f"at {achieved:,.0f} req/s achieved ({offered:,.0f} offered)" if achieved else ""
+    rows = [
+        ("single_rps", "single-event POSTs, end to end (req/s)", f"p99 {summary.get('single_p99_ms')} ms"),
+        ("batch_events_per_s", "batch endpoint, end to end (events/s)", ""),
+        ("drain_events_per_s", "worker drain into Cassandra (events/s)", ""),
+        ("lag_p50_ms", "accepted -> readable p50 (ms)", lag_note),
+        ("lag_p99_ms", "accepted -> readable p99 (ms)", lag_note),
+        ("api_rss_mb", "API peak RSS per process (MB)", ""),
+        ("worker_rss_mb", "worker peak RSS, main + pool (MB)", ""),
+        ("cassandra_rss_mb", "Cassandra peak RSS (MB)", ""),
+        ("lost", "events lost", f"of {summary.get('checked', 0):,} checked"),
+        ("duplicated", "events duplicated", ""),
+    ]
+    print()
+    print(f"{'figure':<42} {'measured':>12}  {'target':<10} {'':<7} note")
+    print("-" * 100)
+    for key, label, note in rows:
+        value = summary.get(key)
+        shown = "-" if value is None else f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
+        if key in TARGETS:
+            op, target = TARGETS[key]
+            target_text, met = f"{op} {target:,.0f}", verdict(key, value)
+        else:
+            target_text, met = "", ""
+        print(f"{label:<42} {shown:>12}  {target_text:<10} {met:<7} {note}")
+    print("-" * 100, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    loopback_target(args.host)
+    api_key = resolve_api_key(args.api_key)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    OUT.mkdir(parents=True, exist_ok=True)
+    raise_on_sigterm()
+    started = time.monotonic()
+    config = StackConfig(api_key=api_key, api_workers=args.api_workers,
+                         worker_concurrency=args.worker_concurrency, worker_procs=args.worker_procs)  # fmt: skip
+    stack = Stack(config, OUT)
+    bench: Bench | None = None
+    try:
+        stack.start()
+        described = stack.describe()
+        say("configuration: " + ", ".join(f"{k}={v}" for k, v in described.items()))
+        if stack.external and (args.api_workers or args.worker_concurrency or args.worker_procs != 1):
+            say("note: --api-workers/--worker-concurrency/--worker-procs only apply to a stack this run starts")
+        bench = Bench(args, stack, api_key)
+        summary: dict[str, Any] = {
+            "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "command": " ".join(["python -m loadtests.bench", *sys.argv[1:]]),
+            "configuration": described,
+            "code": code_state(),
+            "parameters": {k: v for k, v in vars(args).items() if k != "api_key"},
+            "machine": {"cpus": _cpus(), "note": "load generator, API, workers, Redis and Cassandra share it"},
+        }
+        bench.warmup()
+        # What the later phases need, kept back from the stepped search: drain + batch + lag + stopping.
+        reserve = 60 + 2 * args.batch_s + args.lag_s + 40
+        if "single" not in skip:
+            summary |= bench.single(deadline=started + args.budget_s - reserve)
+        if "drain" not in skip:
+            summary |= bench.drain()
+        if "batch" not in skip:
+            summary |= bench.batch(summary.get("drain_events_per_s"))
+        if "lag" not in skip:
+            summary |= bench.lag()
+        summary |= bench.memory()
+        summary |= {"lost": bench.lost, "duplicated": bench.duplicated, "checked": bench.checked}
+        summary["targets"] = {k: {"target": f"{op} {t:g}", "verdict": verdict(k, summary.get(k))}
+                              for k, (op, t) in TARGETS.items()}  # fmt: skip
+        summary["took_s"] = round(time.monotonic() - started, 1)
+        (OUT / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        print_table(summary)
+        say(f"figures written to {(OUT / 'summary.json').relative_to(PROJECT)} ({summary['took_s']:.0f} s)")
+        return 0 if bench.lost == 0 and bench.duplicated == 0 else 1
+    except KeyboardInterrupt:
+        say("interrupted: stopping what this run started")
+        return 130
+    except (StackError, subprocess.CalledProcessError, ConnectionError) as exc:
+        say(f"error: {exc}")
+        return 1
+    finally:
+        ignore_signals()
+        if bench is not None:
+            bench.close()
+        stack.stop()
+        say(f"done in {time.monotonic() - started:.0f} s")
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
