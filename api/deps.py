@@ -76,29 +76,37 @@ class Resources:
     monitor: QueueMonitor
 
 
-def _resources(request: Request) -> Resources:
+def _state(request: Request) -> Resources:
     resources: Resources = request.app.state.resources
     return resources
 
 
-def _settings(request: Request) -> Settings:
-    return _resources(request).settings
+# Dependencies are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in a thread pool, and
+# that hand-off per request costs more than the dependency itself.
+async def _resources(request: Request) -> Resources:
+    return _state(request)
 
 
-def _publisher(request: Request) -> BatchingPublisher:
-    return _resources(request).publisher
+async def _settings(request: Request) -> Settings:
+    return _state(request).settings
+
+
+async def _publisher(request: Request) -> BatchingPublisher:
+    return _state(request).publisher
 
 
 async def _store(request: Request) -> Store:
-    return await _resources(request).cassandra.get()
+    return await _state(request).cassandra.get()
 
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from SLUICE_API_KEYS.")
 
 
-def _authorize(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+async def _authorize(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> str:
     """The caller's key id; 401 without a valid key, 429 over the key's rate limit."""
-    resources = _resources(request)
+    resources = _state(request)
     key_id = resources.api_keys.identify(credentials.credentials) if credentials else None
     if key_id is None:
         raise ApiError(
@@ -118,8 +126,8 @@ def _authorize(request: Request, credentials: Annotated[HTTPAuthorizationCredent
     return key_id
 
 
-def _queue_has_room(request: Request) -> None:
-    monitor = _resources(request).monitor
+async def _queue_has_room(request: Request) -> None:
+    monitor = _state(request).monitor
     retry = monitor.retry_after()
     if retry is not None:
         raise ApiError(

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI, Response
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_fastapi_instrumentator import Instrumentator
 from prometheus_fastapi_instrumentator import metrics as prom
@@ -108,6 +109,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Buffered event ingestion: HTTP in, Celery on Redis, Apache Cassandra out.",
         default_response_class=JSONResponse,
         lifespan=lifespan,
+        # FastAPI's own OpenTelemetry hooks look things up on every request; we export Prometheus metrics.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
     app.include_router(events.router)
@@ -122,7 +125,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost: every request, even one refused before routing, gets an id (X-Request-ID, echoed back).
     app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID")
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics of every API and worker process")
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        summary="Prometheus metrics of every API and worker process",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     def metrics() -> Response:
         return Response(generate_latest(registry()), media_type=CONTENT_TYPE_LATEST)
 

@@ -168,6 +168,7 @@ class Store:
     def __init__(self, cluster: Cluster, session: Session, keyspace: str) -> None:
         self.cluster = cluster
         self.session = session
+        self.keyspace = keyspace
         cols = ", ".join(EVENT_COLUMNS)
         marks = ", ".join("?" for _ in EVENT_COLUMNS)
         self.insert_by_listing: PreparedStatement = session.prepare(

@@ -36,6 +36,10 @@ def make_celery(settings: Settings, *, publisher: bool = False) -> Celery:
         "unacked_index_key": keys.UNACKED_INDEX,
         "unacked_mutex_key": keys.UNACKED_MUTEX,
     }
+    if publisher:
+        # kombu otherwise retries a refused connection after a 2 s pause before giving up: a request held
+        # for 2 s per publish while Redis is down. Fail at once; the client retries on 503.
+        transport |= {"max_retries": 0, "interval_start": 0}
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

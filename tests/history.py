@@ -120,11 +120,12 @@ def stored_ids(session: Session, ids: set[str]) -> dict[str, tuple[int, int]]:
         " WHERE listing_id = ? AND day = ? AND occurred_at = ? AND event_id = ?"
     )
     ordered = sorted(ids)
-    first = execute_concurrent_with_args(session, by_id, [(UUID(i),) for i in ordered], concurrency=64)
-    found = {i: rows.one() for i, (ok, rows) in zip(ordered, first, strict=True) if ok and rows.current_rows}
+    # A failed read raises: it must never pass for "not stored".
+    first = execute_concurrent_with_args(session, by_id, [(UUID(i),) for i in ordered], concurrency=16)
+    found = {i: rows.one() for i, (_, rows) in zip(ordered, first, strict=True) if rows.current_rows}
     keys = sorted(found)
     params = [(found[i].listing_id, found[i].day, found[i].occurred_at, UUID(i)) for i in keys]
-    second = execute_concurrent_with_args(session, by_listing, params, concurrency=64)
+    second = execute_concurrent_with_args(session, by_listing, params, concurrency=16)
     return {i: (1, len(rows.current_rows)) for i, (_, rows) in zip(keys, second, strict=True)}
 
 

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
-from cassandra.concurrent import execute_concurrent, execute_concurrent_with_args
-from cassandra.query import BatchStatement, BatchType
+from cassandra.concurrent import execute_concurrent
+from cassandra.query import BatchStatement, BatchType, BoundStatement, PreparedStatement
 
 from sluice.cassandra import Store, write_timestamp_us
 from sluice.events import BookingEvent, ViewEvent
 
-#: Rows of one partition per unlogged batch: single-partition batches are applied atomically and cheaply,
-#: and this keeps them well under Cassandra's batch size warning (5 KiB).
-ROWS_PER_BATCH = 16
+#: Rows per unlogged batch: about 4 KiB of views, under Cassandra's default batch size warning (5 KiB).
+ROWS_PER_BATCH = 20
 
 
 def row_params(event: ViewEvent | BookingEvent, accepted_at: dt.datetime) -> tuple[Any, ...]:
@@ -55,44 +54,53 @@ class EventWriter:
     ) -> list[tuple[ViewEvent | BookingEvent, Exception]]:
         """Store the events; returns those that failed, with the error. Safe to call again with any of them.
 
-        One failing event (or partition) does not fail the others: only the failures need a retry.
+        One failing batch does not fail the others: only the events of failed batches need a retry.
         """
         if not events:
             return []
-        session = self.store.session
-        # Phase 1: the listing-and-day rows, one unlogged batch per partition chunk.
-        by_partition: dict[tuple[int, dt.date], list[int]] = defaultdict(list)
         rows = [row_params(event, accepted_at) for event in events]
-        for index, row in enumerate(rows):
-            by_partition[(row[3], row[0])].append(index)
+        # Phase 1: the listing-and-day rows. Phase 2: the by-id rows, only for events whose listing row is in,
+        # so an event readable by id is fully stored.
+        failed = self._write_phase(self.store.insert_by_listing, rows, range(len(rows)))
+        remaining = [index for index in range(len(rows)) if index not in failed]
+        failed |= self._write_phase(self.store.insert_by_id, rows, remaining)
+        return [(events[index], error) for index, error in sorted(failed.items())]
+
+    def _write_phase(
+        self, statement: PreparedStatement, rows: list[tuple[Any, ...]], indexes: Iterable[int]
+    ) -> dict[int, Exception]:
+        """Write ``rows[i]`` for each index, as unlogged batches of rows that share a replica.
+
+        Every row costs the Python driver a request of its own unless rows travel together, and that cost,
+        not Cassandra, bounds a worker process. Rows are grouped by the node that owns them (token-aware),
+        so each batch goes to one replica and is applied there without coordinator fan-out; chunks stay
+        small enough for Cassandra's batch size warning. The failed rows' indexes map to their error.
+        """
+        metadata = self.store.cluster.metadata
+        keyspace = self.store.keyspace
+        by_replica: dict[Any, list[tuple[int, BoundStatement]]] = defaultdict(list)
+        for index in indexes:
+            bound = statement.bind(rows[index])
+            replicas = metadata.get_replicas(keyspace, bound.routing_key)
+            by_replica[replicas[0] if replicas else None].append((index, bound))
         groups: list[list[int]] = []
-        statements: list[tuple[Any, Any]] = []
-        for indexes in by_partition.values():
-            for start in range(0, len(indexes), ROWS_PER_BATCH):
-                chunk = indexes[start : start + ROWS_PER_BATCH]
-                groups.append(chunk)
+        requests: list[tuple[Any, Any]] = []
+        for members in by_replica.values():
+            for start in range(0, len(members), ROWS_PER_BATCH):
+                chunk = members[start : start + ROWS_PER_BATCH]
+                groups.append([index for index, _ in chunk])
                 if len(chunk) == 1:
-                    statements.append((self.store.insert_by_listing, rows[chunk[0]]))
+                    requests.append((chunk[0][1], None))
                     continue
                 batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-                for index in chunk:
-                    batch.add(self.store.insert_by_listing, rows[index])
-                statements.append((batch, ()))
-        failed: dict[int, Exception] = {}
-        results = execute_concurrent(session, statements, concurrency=self.concurrency, raise_on_first_error=False)
-        for chunk, (ok, outcome) in zip(groups, results, strict=True):
-            if not ok:
-                failed.update(dict.fromkeys(chunk, outcome))
-        # Phase 2: the by-id rows, only for events whose listing row is in.
-        remaining = [index for index in range(len(rows)) if index not in failed]
-        results = execute_concurrent_with_args(
-            session,
-            self.store.insert_by_id,
-            [rows[index] for index in remaining],
-            concurrency=self.concurrency,
-            raise_on_first_error=False,
+                for _, bound in chunk:
+                    batch.add(bound)
+                requests.append((batch, None))
+        results = execute_concurrent(
+            self.store.session, requests, concurrency=self.concurrency, raise_on_first_error=False
         )
-        for index, (ok, outcome) in zip(remaining, results, strict=True):
+        failed: dict[int, Exception] = {}
+        for group, (ok, outcome) in zip(groups, results, strict=True):
             if not ok:
-                failed[index] = outcome
-        return [(events[index], error) for index, error in sorted(failed.items())]
+                failed.update(dict.fromkeys(group, outcome))
+        return failed
