@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 import redis as sync_redis
 import redis.asyncio as aioredis
 from asgi_correlation_id import CorrelationIdMiddleware
@@ -59,17 +60,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 kwargs={"accepted_at": accepted_at, "request_ids": request_ids},
                 queue=keys.EVENTS_QUEUE,
             )
-            # Mark the events queued, for GET /v1/events/{id}. Best effort: the message is what counts.
+            # Record the events as queued (GET /v1/events/{id}, and recovery of a message lost in flight).
             try:
                 with marks.pipeline(transaction=False) as pipe:
-                    for event in batch:
-                        pipe.set(f"{keys.QUEUED_PREFIX}{event['event_id']}", accepted_at, ex=keys.QUEUED_TTL_S)
+                    pipe.hset(
+                        keys.QUEUED, mapping={e["event_id"]: orjson.dumps({"a": accepted_at, "e": e}) for e in batch}
+                    )
+                    pipe.zadd(keys.QUEUED_INDEX, dict.fromkeys((e["event_id"] for e in batch), accepted_at))
                     pipe.execute()
             except sync_redis.RedisError as exc:
                 log.warning("could not mark %d events queued: %r", len(batch), exc)
 
         publisher = BatchingPublisher(
-            publish, max_events=settings.publish_max_events, linger_s=settings.publish_linger_ms / 1000
+            publish,
+            max_events=settings.publish_max_events,
+            linger_s=settings.publish_linger_ms / 1000,
+            deadline_s=settings.publish_timeout_s + 0.3,
         )
         publisher.start()
         redis = aioredis.Redis.from_url(

@@ -45,6 +45,8 @@ class PublishError(RuntimeError):
 def _is_definite(exc: BaseException) -> bool:
     """True when the failure happened before Redis could have applied the publish."""
     text = str(exc).lower()
+    if isinstance(exc, TimeoutError):  # our own deadline: the publish may still land
+        return False
     if isinstance(exc, ConnectionRefusedError) or "connection refused" in text or "error 111" in text:
         return True
     # Redis answered with an error (e.g. out of memory under noeviction): it did not apply the command.
@@ -62,10 +64,11 @@ class BatchingPublisher:
     #: How long requests fail fast after a failed publish, before the next publish tries Redis again.
     FAIL_FAST_S = 0.25
 
-    def __init__(self, publish: PublishFn, *, max_events: int, linger_s: float) -> None:
+    def __init__(self, publish: PublishFn, *, max_events: int, linger_s: float, deadline_s: float = 0.8) -> None:
         self._publish = publish
         self._max_events = max_events
         self._linger_s = linger_s
+        self._deadline_s = deadline_s
         self._queue: deque[_Pending] = deque()
         self._queued_events = 0
         self._wakeup = asyncio.Event()
@@ -121,14 +124,19 @@ class BatchingPublisher:
             events = [event for item in batch for event in item.events]
             accepted_at = time.time()
             try:
-                await loop.run_in_executor(
-                    self._executor, self._publish, events, accepted_at, [item.request_id for item in batch]
+                # A deadline of our own: the clients' retries (redis-py retries some errors with backoff) must not
+                # hold requests for seconds. Past it the outcome is unknown (504), and the thread may still finish.
+                await asyncio.wait_for(
+                    loop.run_in_executor(
+                        self._executor, self._publish, events, accepted_at, [item.request_id for item in batch]
+                    ),
+                    self._deadline_s,
                 )
             except Exception as exc:  # noqa: BLE001 - every failure is reported to the waiting requests
                 log.warning("publishing %d events failed: %r", len(events), exc)
                 PUBLISH_FAILURES.labels("refused" if _is_definite(exc) else "unknown").inc()
                 self._unavailable_until = time.monotonic() + self.FAIL_FAST_S
-                self._last_error = f"{type(exc).__name__}: {exc}"
+                self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 error = PublishError(f"could not queue events: {self._last_error}", definite=_is_definite(exc))
                 for item in batch:
                     if not item.done.done():

@@ -18,10 +18,16 @@ UNACKED_MUTEX: Final = "sluice:unacked_mutex"
 #: Hash of dead-lettered events: field ``event_id`` (or a message id), value a JSON record with the reason.
 DEAD_LETTERS: Final = "sluice:dead"
 
-#: ``{prefix}{event_id}`` -> acceptance time, set by the API once an event is queued and deleted by the worker
-#: once it is written (or dead-lettered); it expires on its own after QUEUED_TTL_S. Answers "is it queued?".
-QUEUED_PREFIX: Final = "sluice:queued:"
-QUEUED_TTL_S: Final = 86_400
+#: Every accepted event until a worker has written (or dead-lettered) it: hash ``event_id`` -> JSON
+#: ``{"a": accepted_at, "e": event}``, and a sorted set of the same ids scored by when they were last
+#: queued. The API adds an event when its message is in Redis; the worker removes it once done. It answers
+#: "is it queued?", and it lets workers re-queue an event whose message was lost in flight (see
+#: worker/recovery.py): kombu pops a message (BRPOP) before it records the delivery, so a worker killed in
+#: between would otherwise lose that message.
+QUEUED: Final = "sluice:queued"
+QUEUED_INDEX: Final = "sluice:queued_index"
+#: Held by the one worker that re-queues lost events in a given round.
+RECOVERY_LOCK: Final = "sluice:recovery_lock"
 
 #: Counter of events written to Cassandra, used to estimate the drain rate for ``Retry-After``.
 WRITTEN_TOTAL: Final = "sluice:written_total"

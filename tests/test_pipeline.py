@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from pathlib import Path
@@ -119,3 +120,17 @@ def test_worker_retries_through_a_cassandra_outage(
     finally:
         impatient.stop()
         worker.signal(signal.SIGCONT)
+
+
+def test_an_event_whose_message_was_lost_is_queued_again(
+    worker: Service, cassandra: Session, redis_client: redis.Redis
+) -> None:
+    # As the API records an accepted event, but its message gone: taken off the queue by a worker that died
+    # before it could record the delivery.
+    event = booking()
+    long_ago = time.time() - 3600
+    redis_client.hset(keys.QUEUED, event["event_id"], json.dumps({"a": long_ago, "e": event}))
+    redis_client.zadd(keys.QUEUED_INDEX, {event["event_id"]: long_ago})
+    wait_until(lambda: stored_rows(cassandra, event["event_id"]) == (1, 1), 30, "the lost event to be re-queued")
+    wait_until(lambda: not redis_client.hexists(keys.QUEUED, event["event_id"]), 5, "its record to be cleared")
+    assert "re-queued 1 accepted events whose message was lost" in worker.log_text()

@@ -4,6 +4,7 @@ when messages are redelivered, and where one event is (queued, stored, dead-lett
 from __future__ import annotations
 
 import datetime as dt
+import json
 import random
 import time
 from typing import Any
@@ -164,8 +165,11 @@ def test_where_an_event_is(client_factory: Any, cassandra: Session, redis_client
 
         # Queued: as the API marks an event it has put in Redis that no worker has written yet.
         queued_id = view()["event_id"]
-        redis_client.set(f"{keys.QUEUED_PREFIX}{queued_id}", 1_764_000_000.5, ex=60)
-        body = client.get(f"/v1/events/{queued_id}").json()
+        redis_client.hset(keys.QUEUED, queued_id, json.dumps({"a": 1_764_000_000.5, "e": {}}))
+        try:
+            body = client.get(f"/v1/events/{queued_id}").json()
+        finally:
+            redis_client.hdel(keys.QUEUED, queued_id)
         assert body == {"event_id": queued_id, "status": "queued", "accepted_at": "2025-11-24T16:00:00.500Z"}
 
         dead = view()
@@ -187,4 +191,5 @@ def test_the_api_marks_queued_events_and_the_worker_clears_them(
         event = view()
         assert client.post("/v1/events", json=event).status_code == 202
         wait_until(lambda: client.get(f"/v1/events/{event['event_id']}").json()["status"] == "stored", 10, "stored")
-    wait_until(lambda: not redis_client.exists(f"{keys.QUEUED_PREFIX}{event['event_id']}"), 5, "the mark to go")
+    wait_until(lambda: not redis_client.hexists(keys.QUEUED, event["event_id"]), 5, "the mark to go")
+    assert redis_client.zscore(keys.QUEUED_INDEX, event["event_id"]) is None

@@ -20,6 +20,7 @@ from sluice.cassandra import Store
 from sluice.metrics import mark_process_dead, registry
 from sluice.queue import make_celery
 from sluice.settings import get_settings
+from worker.recovery import recover_lost
 from worker.writer import EventWriter
 
 log = logging.getLogger("sluice.worker")
@@ -105,7 +106,8 @@ class RestoreUnacked(bootsteps.StartStopStep):
 
     kombu's Redis transport does this itself only on every tenth of its 10-second checks, so a message a
     killed worker held could wait the visibility timeout plus 100 s. This step checks every quarter of the
-    visibility timeout (at most every 30 s); only messages older than the timeout are restored.
+    visibility timeout (at most every 30 s); only messages older than the timeout are restored. Then it
+    re-queues accepted events whose message was lost before it was ever recorded (worker/recovery.py).
     """
 
     requires = ("celery.worker.components:Timer",)
@@ -113,15 +115,17 @@ class RestoreUnacked(bootsteps.StartStopStep):
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.tref: Any = None
+        self.interval = min(30.0, settings.visibility_timeout_s / 4)
 
     def start(self, parent: Any) -> None:
-        interval = min(30.0, settings.visibility_timeout_s / 4)
-        self.tref = parent.timer.call_repeatedly(interval, self.restore, (parent,), priority=10)
+        self.tref = parent.timer.call_repeatedly(self.interval, self.restore, (parent,), priority=10)
 
     def restore(self, parent: Any) -> None:
         try:
             with parent.app.connection_for_read() as conn:
                 conn.default_channel.qos.restore_visible(num=1000, interval=1)
+            # Events whose message never reached the unacknowledged set (see worker/recovery.py).
+            recover_lost(clients.redis, parent.app, older_than_s=settings.visibility_timeout_s + 2 * self.interval)
         except Exception as exc:  # noqa: BLE001 - Redis away: the next round tries again
             log.warning("could not restore unacknowledged messages: %r", exc)
 

@@ -61,10 +61,20 @@ def _count_drained(written: int, done: list[ViewEvent | BookingEvent]) -> None:
             pipe.incrby(keys.WRITTEN_TOTAL, written)
             pipe.incr(keys.DRAINED_MESSAGES)
             if done:
-                pipe.delete(*(f"{keys.QUEUED_PREFIX}{event.event_id}" for event in done))
+                ids = [str(event.event_id) for event in done]
+                pipe.hdel(keys.QUEUED, *ids)
+                pipe.zrem(keys.QUEUED_INDEX, *ids)
             pipe.execute()
     except Exception as exc:  # noqa: BLE001
         log.debug("could not count drained events: %r", exc)
+
+
+def _still_queued(events: list[ViewEvent | BookingEvent]) -> None:
+    """Events travelling on in a retry are not lost: keep recovery (worker/recovery.py) off them."""
+    try:
+        clients.redis.zadd(keys.QUEUED_INDEX, dict.fromkeys((str(e.event_id) for e in events), time.time()), xx=True)
+    except Exception as exc:  # noqa: BLE001 - at worst recovery queues them again, which is idempotent
+        log.debug("could not refresh the queued index: %r", exc)
 
 
 def _count_written(
@@ -160,6 +170,7 @@ def write_events(self: Task[Any, Any], *args: Any, **kwargs: Any) -> int:
         return written
     countdown = backoff_s(self.request.retries)
     TASK_RETRIES.inc()
+    _still_queued([event for event, _ in failed])
     log.warning("writing %d of %d events failed (attempt %d), retrying in %.1f s: %r", len(failed), len(valid),
                 attempt, countdown, error)  # fmt: skip
     try:

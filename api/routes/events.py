@@ -235,7 +235,7 @@ async def get_event(event_id: UUID, store: StoreDep, resources: ResourcesDep) ->
     # Not in Cassandra (yet): dead-lettered, or still queued (the API marks what it queued; workers clear it).
     async with resources.redis.pipeline(transaction=False) as pipe:
         pipe.hget(keys.DEAD_LETTERS, str(event_id))
-        pipe.get(f"{keys.QUEUED_PREFIX}{event_id}")
+        pipe.hget(keys.QUEUED, str(event_id))
         dead, queued = await pipe.execute()
     if dead is not None:
         record = orjson.loads(dead)
@@ -244,7 +244,9 @@ async def get_event(event_id: UUID, store: StoreDep, resources: ResourcesDep) ->
             "failed_at": record.get("failed_at"), "attempts": record.get("attempts"),
         })  # fmt: skip
     if queued is not None:
-        accepted = dt.datetime.fromtimestamp(float(queued), dt.UTC).isoformat(timespec="milliseconds")
+        accepted = dt.datetime.fromtimestamp(float(orjson.loads(queued)["a"]), dt.UTC).isoformat(
+            timespec="milliseconds"
+        )
         return JSONResponse(
             {"event_id": str(event_id), "status": "queued", "accepted_at": accepted.replace("+00:00", "Z")}
         )
