@@ -51,6 +51,11 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def store_read_failed(exc: Exception) -> ApiError:
+    """A read that Cassandra failed: the store's fault, not the caller's (503, retry later)."""
+    return ApiError(503, "store_unavailable", f"reading from Cassandra failed: {exc}", headers={"Retry-After": "2"})
+
+
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "payload_too_large"}
 
 

@@ -46,9 +46,12 @@ def redis_process(root: Path, port: int, maxmemory: str) -> ManagedProcess:
         "--protected-mode", "yes",
         "--dir", str(data),
         "--daemonize", "no",
-        # Durability: every write goes to the append-only file, fsynced once a second (see docs/guarantees.md).
+        # Durability: every write goes to the append-only file and is fsynced before Redis answers (group
+        # commit: one fsync per event-loop round, and the API packs many events per message). With
+        # "everysec", a fsync that stalls lets Redis answer writes it has not yet written to the file, and
+        # a crash then loses them (see docs/guarantees.md).
         "--appendonly", "yes",
-        "--appendfsync", "everysec",
+        "--appendfsync", "always",
         "--save", "",
         # Queued events must never be evicted: when full, Redis refuses writes and the API answers 503.
         "--maxmemory", maxmemory,

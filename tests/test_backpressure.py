@@ -80,7 +80,7 @@ def test_redis_never_evicts_and_a_full_redis_is_a_503(
     queue = isolated_queue
     assert queue.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
     assert queue.config_get("appendonly") == {"appendonly": "yes"}
-    assert queue.config_get("appendfsync") == {"appendfsync": "everysec"}
+    assert queue.config_get("appendfsync") == {"appendfsync": "always"}
     before = queue.config_get("maxmemory")["maxmemory"]
     used = int(queue.info("memory")["used_memory"])
     queue.config_set("maxmemory", used + 200_000)

@@ -47,7 +47,7 @@ def test_thousand_events_are_stored_exactly_once(
     for event in events[::50]:
         got = client.get(f"/v1/events/{event['event_id']}")
         assert got.status_code == 200
-        assert got.json()["status"] == "stored"
+        assert got.json().get("status") == "stored"
         body = got.json()["event"]
         assert (body["listing_id"], body["type"]) == (event["listing_id"], event["type"])
         if event["type"] == "booking":
@@ -59,7 +59,7 @@ def test_event_is_readable_within_two_seconds(client: httpx.Client, worker: Serv
     event = view()
     started = time.monotonic()
     assert client.post("/v1/events", json=event).status_code == 202
-    wait_until(lambda: client.get(f"/v1/events/{event['event_id']}").json()["status"] == "stored", 2, "the event")
+    wait_until(lambda: client.get(f"/v1/events/{event['event_id']}").json().get("status") == "stored", 2, "the event")
     assert time.monotonic() - started < 2
 
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from api.body import read_json
 from api.deps import AUTHORIZED, QUEUE_HAS_ROOM, PublisherDep, ResourcesDep, SettingsDep, StoreDep
-from api.errors import ApiError, ErrorBody
+from api.errors import ApiError, ErrorBody, store_read_failed
 from api.publisher import PublishError
 from api.responses import JSONResponse
 from sluice import keys
@@ -225,8 +225,7 @@ async def get_event(event_id: UUID, store: StoreDep, resources: ResourcesDep) ->
         stored = await store.get_event(event_id)
         written = await store.write_time(event_id) if stored is not None else None
     except Exception as exc:  # noqa: BLE001 - a failed read is the store's fault, not the caller's
-        raise ApiError(503, "store_unavailable", f"reading from Cassandra failed: {exc}",
-                       headers={"Retry-After": "2"}) from None  # fmt: skip
+        raise store_read_failed(exc) from None
     if stored is not None:
         return JSONResponse({
             "event_id": str(event_id), "status": "stored", "event": stored.as_json(),

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Path, Query
 from pydantic import AwareDatetime, BaseModel
 
 from api.deps import AUTHORIZED, StoreDep
-from api.errors import ApiError
+from api.errors import ApiError, store_read_failed
 from api.responses import JSONResponse
 from api.routes.events import AUTH_ERRORS, StoredEventOut, _errors
 from sluice.cassandra import Store
@@ -28,6 +28,9 @@ DEFAULT_RANGE = dt.timedelta(days=7)
 #: Sorts before every real (version 1..5) UUID, so (t, ZERO) is the first position at instant t.
 ZERO = UUID(int=0)
 ListingId = Annotated[int, Path(gt=0, le=2**63 - 1)]
+
+
+READ_ERRORS = {**AUTH_ERRORS, **_errors(422, "Invalid parameters."), **_errors(503, "Cassandra is unreachable.")}
 
 
 class EventsPage(BaseModel):
@@ -93,7 +96,7 @@ def _decode_token(token: str, query: str) -> tuple[dt.date, tuple[dt.datetime, U
 @router.get(
     "/{listing_id}/events",
     response_model=EventsPage,
-    responses={**AUTH_ERRORS, **_errors(422, "Invalid parameters."), **_errors(503, "Cassandra is unreachable.")},
+    responses=READ_ERRORS,
     summary="A listing's events in time order, paged",
 )
 async def listing_events(
@@ -137,8 +140,7 @@ async def listing_events(
     except ApiError:
         raise
     except Exception as exc:  # noqa: BLE001 - a failed read is the store's fault, not the caller's
-        raise ApiError(503, "store_unavailable", f"reading from Cassandra failed: {exc}",
-                       headers={"Retry-After": "2"}) from None  # fmt: skip
+        raise store_read_failed(exc) from None
     token = _encode_token(query, *positions[limit - 1]) if len(out) > limit else None
     return JSONResponse({"events": out[:limit], "next_page_token": token})
 
@@ -146,7 +148,7 @@ async def listing_events(
 @router.get(
     "/{listing_id}/stats",
     response_model=Stats,
-    responses={**AUTH_ERRORS, **_errors(422, "Invalid parameters."), **_errors(503, "Cassandra is unreachable.")},
+    responses=READ_ERRORS,
     summary="Views and bookings of a listing per UTC day (exact: rows are counted, never counters)",
 )
 async def listing_stats(
@@ -164,8 +166,7 @@ async def listing_stats(
     try:
         counts = await _count_days(store, listing_id, days)
     except Exception as exc:  # noqa: BLE001
-        raise ApiError(503, "store_unavailable", f"reading from Cassandra failed: {exc}",
-                       headers={"Retry-After": "2"}) from None  # fmt: skip
+        raise store_read_failed(exc) from None
     per_day = [
         {"day": day.isoformat(), "views": views, "bookings": bookings}
         for day, (views, bookings) in zip(days, counts, strict=True)
