@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 import redis
@@ -110,15 +111,19 @@ class RestoreUnacked(bootsteps.StartStopStep):
     re-queues accepted events whose message was lost before it was ever recorded (worker/recovery.py).
     """
 
-    requires = ("celery.worker.components:Timer",)
-
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        self.tref: Any = None
         self.interval = min(30.0, settings.visibility_timeout_s / 4)
+        self.stopping = threading.Event()
 
     def start(self, parent: Any) -> None:
-        self.tref = parent.timer.call_repeatedly(self.interval, self.restore, (parent,), priority=10)
+        # A thread of its own, not the worker's timer: while Redis is away, kombu's connection set-up blocks
+        # (it retries), and on the timer that would stall the consumer itself until Redis came back.
+        def loop() -> None:
+            while not self.stopping.wait(self.interval):
+                self.restore(parent)
+
+        threading.Thread(target=loop, name="sluice-restore", daemon=True).start()
 
     def restore(self, parent: Any) -> None:
         try:
@@ -130,8 +135,7 @@ class RestoreUnacked(bootsteps.StartStopStep):
             log.warning("could not restore unacknowledged messages: %r", exc)
 
     def stop(self, parent: Any) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
+        self.stopping.set()
 
 
 app.steps["worker"].add(RestoreUnacked)
