@@ -111,11 +111,13 @@ def test_failed_writes_are_dead_lettered_then_replayed_exactly_once(
         SLUICE_CASSANDRA_REQUEST_TIMEOUT_S="1", SLUICE_TASK_MAX_RETRIES="1",
     )  # fmt: skip
     assert servers.cassandra is not None
+    # Both pool processes connected before Cassandra freezes: connecting to a frozen node takes its own time.
+    wait_until(lambda: worker.log_text().count("connected to Cassandra") >= 2, 20, "the worker's sessions")
     try:
         servers.cassandra.signal(signal.SIGSTOP)
         try:
             celery.send_task(WRITE_EVENTS, args=[events, time.time()])
-            wait_until(lambda: len(dead_letters(db)) == 2, 30, "the events to be dead-lettered after 2 attempts")
+            wait_until(lambda: len(dead_letters(db)) == 2, 60, "the events to be dead-lettered after 2 attempts")
         finally:
             servers.cassandra.signal(signal.SIGCONT)
         letters = dead_letters(db)
