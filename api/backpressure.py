@@ -1,7 +1,9 @@
-"""Backpressure: refuse new events with 503 while the queue is over its limit, instead of filling Redis.
+"""Backpressure: refuse new events with 503 while the queue is over its limit, or Redis's memory nearly full.
 
-The queue depth and the workers' drain rate are sampled in the background a few times a second (one
-pipelined round trip), so a request pays nothing for them.
+The queue depth, Redis's memory and the workers' drain rate are sampled in the background a few times a
+second (one pipelined round trip), so a request pays nothing for them. Memory counts because queued marks,
+retries and dead letters need room too: the API stops at ``memory_ratio`` of ``maxmemory``, before Redis
+itself refuses writes (``noeviction``), so the workers can still record what they do.
 """
 
 from __future__ import annotations
@@ -20,17 +22,30 @@ log = logging.getLogger(__name__)
 
 
 class QueueMonitor:
-    def __init__(self, client: aioredis.Redis, max_depth: int, interval_s: float = 0.25) -> None:
+    def __init__(
+        self, client: aioredis.Redis, max_depth: int, interval_s: float = 0.25, *, memory_ratio: float = 0.8
+    ) -> None:
         self._redis = client
         self.max_depth = max_depth
         self._interval_s = interval_s
+        self.memory_ratio = memory_ratio
         self.depth = 0
+        #: Redis's used memory and its limit (0: no limit), in bytes.
+        self.used_memory = 0
+        self.max_memory = 0
         #: Messages drained per second (smoothed); 0 while unknown or while no worker drains.
         self.drain_per_s = 0.0
         self._last: tuple[float, int] | None = None
 
+    @property
+    def memory_full(self) -> bool:
+        return self.max_memory > 0 and self.used_memory >= self.memory_ratio * self.max_memory
+
     def retry_after(self) -> int | None:
         """None while the queue has room; else seconds until it is expected to have room again."""
+        if self.memory_full:
+            # Memory frees as workers drain; without a rate to go by, a short wait.
+            return 5 if self.drain_per_s <= 0 else 2
         if self.depth < self.max_depth:
             return None
         # Time for the workers to bring the queue back to 90% of its limit at their current pace.
@@ -43,7 +58,10 @@ class QueueMonitor:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.llen(keys.EVENTS_QUEUE)
             pipe.get(keys.DRAINED_MESSAGES)
-            depth, drained_raw = await pipe.execute()
+            pipe.info("memory")
+            depth, drained_raw, memory = await pipe.execute()
+        self.used_memory = int(memory.get("used_memory", 0))
+        self.max_memory = int(memory.get("maxmemory", 0))
         now = time.monotonic()
         drained = int(drained_raw or 0)
         self.depth = int(depth)
@@ -59,5 +77,5 @@ class QueueMonitor:
                 await self.sample()
             except Exception as exc:  # noqa: BLE001 - unknown depth: let the publish itself decide
                 log.debug("queue depth sample failed: %r", exc)
-                self.depth = 0
+                self.depth = self.used_memory = 0
             await asyncio.sleep(self._interval_s)

@@ -105,7 +105,7 @@ _bearer = HTTPBearer(auto_error=False, description="An API key from SLUICE_API_K
 async def _authorize(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> str:
-    """The caller's key id; 401 without a valid key, 429 over the key's rate limit."""
+    """The caller's key id (also kept on ``request.state.key_id``); 401 without a valid key."""
     resources = _state(request)
     key_id = resources.api_keys.identify(credentials.credentials) if credentials else None
     if key_id is None:
@@ -115,31 +115,42 @@ async def _authorize(
             "a valid API key is required: Authorization: Bearer <key>",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    wait = resources.limiter.admit(key_id)
+    request.state.key_id = key_id
+    return key_id
+
+
+def charge(request: Request, cost: int) -> None:
+    """Charge ``cost`` units (events, or 1 for a read) to the caller's rate limit; 429 over it."""
+    resources = _state(request)
+    wait = resources.limiter.admit(request.state.key_id, cost)
     if wait is not None:
         raise ApiError(
             429,
             "rate_limited",
-            f"over {resources.settings.rate_limit_per_s} requests per second for this API key",
+            f"over {resources.settings.rate_limit_per_s} events per second for this API key",
             headers={"Retry-After": retry_after_header(wait)},
         )
-    return key_id
+
+
+async def _charge_one(request: Request, _: Annotated[str, Depends(_authorize)]) -> None:
+    charge(request, 1)
 
 
 async def _queue_has_room(request: Request) -> None:
     monitor = _state(request).monitor
     retry = monitor.retry_after()
     if retry is not None:
-        raise ApiError(
-            503,
-            "queue_full",
-            f"the queue holds {monitor.depth} messages, over its limit of {monitor.max_depth}; retry later",
-            headers={"Retry-After": str(retry)},
-        )
+        if monitor.memory_full:
+            why = f"Redis is {monitor.used_memory / monitor.max_memory:.0%} full"
+        else:
+            why = f"the queue holds {monitor.depth} messages, over its limit of {monitor.max_depth}"
+        raise ApiError(503, "queue_full", f"{why}; retry later", headers={"Retry-After": str(retry)})
 
 
-#: Router-level: every /v1 route needs a valid API key and stays within the key's rate limit.
+#: Router-level: every /v1 route needs a valid API key. Ingest routes charge their events to the key's rate
+#: limit once the body is read (:func:`charge`); read routes add :data:`RATE_LIMITED` (one unit each).
 AUTHORIZED = Depends(_authorize)
+RATE_LIMITED = Depends(_charge_one)
 #: Ingest routes: refuse with 503 while the queue is over its limit.
 QUEUE_HAS_ROOM = Depends(_queue_has_room)
 

@@ -9,8 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import orjson
-import redis as sync_redis
 import redis.asyncio as aioredis
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI, Response
@@ -25,15 +23,15 @@ from api.auth import ApiKeys
 from api.backpressure import QueueMonitor
 from api.deps import CassandraHandle, Resources
 from api.errors import install_error_handlers
-from api.publisher import BatchingPublisher, JsonEvent
+from api.publisher import BatchingPublisher
 from api.ratelimit import RateLimiter
 from api.responses import JSONResponse
 from api.routes import events, health, listings
 from sluice import keys
 from sluice.events import Event
 from sluice.logs import setup_logging
+from sluice.marks import AsyncMarks
 from sluice.metrics import mark_process_dead, registry
-from sluice.queue import WRITE_EVENTS, make_celery
 from sluice.settings import Settings, get_settings
 
 log = logging.getLogger("sluice.api")
@@ -45,37 +43,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         api_keys = ApiKeys(settings.api_keys)  # refuses to start without a key
-        celery = make_celery(settings, publisher=True)
-
-        marks = sync_redis.Redis.from_url(
+        # Its own client: the publish has a short timeout of its own (a stalled Redis is a fast 503/504).
+        publish_redis = aioredis.Redis.from_url(
             settings.redis_url,
             socket_timeout=settings.publish_timeout_s,
             socket_connect_timeout=settings.publish_timeout_s,
         )
-
-        def publish(batch: list[JsonEvent], accepted_at: float, request_ids: list[str]) -> None:
-            celery.send_task(
-                WRITE_EVENTS,
-                args=[batch],
-                kwargs={"accepted_at": accepted_at, "request_ids": request_ids},
-                queue=keys.EVENTS_QUEUE,
-            )
-            # Record the events as queued (GET /v1/events/{id}, and recovery of a message lost in flight).
-            try:
-                with marks.pipeline(transaction=False) as pipe:
-                    pipe.hset(
-                        keys.QUEUED, mapping={e["event_id"]: orjson.dumps({"a": accepted_at, "e": e}) for e in batch}
-                    )
-                    pipe.zadd(keys.QUEUED_INDEX, dict.fromkeys((e["event_id"] for e in batch), accepted_at))
-                    pipe.execute()
-            except sync_redis.RedisError as exc:
-                log.warning("could not mark %d events queued: %r", len(batch), exc)
-
         publisher = BatchingPublisher(
-            publish,
+            AsyncMarks(publish_redis).enqueue,
             max_events=settings.publish_max_events,
             linger_s=settings.publish_linger_ms / 1000,
             deadline_s=settings.publish_timeout_s + 0.3,
+            max_pending_events=settings.max_pending_events,
         )
         publisher.start()
         redis = aioredis.Redis.from_url(
@@ -85,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         cassandra = CassandraHandle(settings)
         limiter = RateLimiter(redis, settings.rate_limit_per_s)
-        monitor = QueueMonitor(redis, settings.max_queue_depth)
+        monitor = QueueMonitor(redis, settings.max_queue_depth, memory_ratio=settings.max_redis_memory_ratio)
         background = [
             asyncio.create_task(limiter.run(), name="sluice-ratelimit"),
             asyncio.create_task(monitor.run(), name="sluice-queue-monitor"),
@@ -105,8 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await publisher.close()
             await cassandra.close()
             await redis.aclose()
-            celery.close()
-            marks.close()
+            await publish_redis.aclose()
             mark_process_dead(os.getpid())
 
     app = FastAPI(

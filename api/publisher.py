@@ -1,11 +1,15 @@
-"""Publishing accepted events to the queue: concurrent requests share one Celery message.
+"""Publishing accepted events to the queue: concurrent requests share one message, written with its marks.
 
-Celery's publish is synchronous and costs far more than one Redis round trip, so paying it per request on
-the event loop would cap the API at a few hundred requests per second. Instead each request hands its events
-to :class:`BatchingPublisher` and waits; one background loop gathers what arrived (waiting at most
-``linger`` for more, and not at all once a message is full), publishes it as one task from a worker thread,
-and only then wakes the waiting requests. So a request is answered 202 only once its events are in Redis,
-and a request's events always travel in one message: all of them are queued, or none.
+Each request hands its events to :class:`BatchingPublisher` and waits; one background loop gathers what
+arrived (waiting at most ``linger`` for more, and not at all once a message is full), writes the message and
+the events' queued marks to Redis in one script (:mod:`sluice.marks`), and only then wakes the waiting
+requests. Everything runs on the event loop (redis.asyncio), with no thread hop. So a request is answered 202
+only once its events and their marks are in Redis, and a request's events always travel in one message: all
+of them are queued, or none.
+
+The script also decides "first write wins": an event whose id already has a mark is a duplicate (same
+fingerprint: answered as accepted, nothing new queued) or a conflict (another version: 409), and the message
+is then written without it.
 """
 
 from __future__ import annotations
@@ -15,18 +19,18 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from sluice import message
+from sluice.marks import CONFLICT, DUPLICATE, NEW, mark_value
+from sluice.message import JsonEvent, Message
 from sluice.metrics import PUBLISH_BATCH_EVENTS, PUBLISH_FAILURES
 
 log = logging.getLogger(__name__)
 
-JsonEvent = dict[str, Any]
-#: Publishes one message (blocking): the events, the acceptance time (epoch seconds) and request ids.
-PublishFn = Callable[[list[JsonEvent], float, list[str]], None]
+#: Writes one message with its marks; ``[]`` when written, else one status per mark and nothing written.
+EnqueueFn = Callable[[Message, Sequence[tuple[str, bytes]]], Awaitable[list[str]]]
 
 
 class PublishError(RuntimeError):
@@ -42,6 +46,10 @@ class PublishError(RuntimeError):
         self.definite = definite
 
 
+class Overloaded(RuntimeError):
+    """More events wait for Redis than the API holds (``SLUICE_MAX_PENDING_EVENTS``): refused at once."""
+
+
 def _is_definite(exc: BaseException) -> bool:
     """True when the failure happened before Redis could have applied the publish."""
     text = str(exc).lower()
@@ -49,55 +57,77 @@ def _is_definite(exc: BaseException) -> bool:
         return False
     if isinstance(exc, ConnectionRefusedError) or "connection refused" in text or "error 111" in text:
         return True
-    # Redis answered with an error (e.g. out of memory under noeviction): it did not apply the command.
-    return type(exc).__name__ == "ResponseError" or "command not allowed when used memory" in text
+    # Redis answered with an error (e.g. out of memory under noeviction): it did not apply the script.
+    return type(exc).__name__ in ("ResponseError", "OutOfMemoryError") or "command not allowed when used memory" in text
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     events: list[JsonEvent]
+    #: The events' fingerprints (sluice.events.fingerprint), in order.
+    fingerprints: list[str]
     request_id: str
-    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    #: One status per event once decided (NEW, DUPLICATE or CONFLICT).
+    statuses: list[str | None]
+    done: asyncio.Future[list[str]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class BatchingPublisher:
     #: How long requests fail fast after a failed publish, before the next publish tries Redis again.
     FAIL_FAST_S = 0.25
+    #: Rounds of the script per message: each round settles at least one event, so this only bounds a
+    #: pathological race between API processes re-posting the same ids.
+    MAX_ROUNDS = 4
 
-    def __init__(self, publish: PublishFn, *, max_events: int, linger_s: float, deadline_s: float = 0.8) -> None:
-        self._publish = publish
+    def __init__(
+        self,
+        enqueue: EnqueueFn,
+        *,
+        max_events: int,
+        linger_s: float,
+        deadline_s: float = 0.8,
+        max_pending_events: int = 50_000,
+    ) -> None:
+        self._enqueue = enqueue
         self._max_events = max_events
         self._linger_s = linger_s
         self._deadline_s = deadline_s
+        self._max_pending = max_pending_events
         self._queue: deque[_Pending] = deque()
         self._queued_events = 0
         self._wakeup = asyncio.Event()
         self._full = asyncio.Event()
-        # One thread: messages go out one at a time, and requests arriving meanwhile form the next batch.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-publish")
         self._runner: asyncio.Task[None] | None = None
         self._closing = False
         # After a failed publish, fail fast for a moment rather than pile requests onto a Redis that is away.
         self._unavailable_until = 0.0
         self._last_error = ""
 
+    @property
+    def pending_events(self) -> int:
+        return self._queued_events
+
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="sluice-publisher")
 
-    async def submit(self, events: list[JsonEvent], request_id: str) -> None:
-        """Return once ``events`` are in Redis; raise :class:`PublishError` if they could not be queued."""
+    async def submit(self, events: list[JsonEvent], fingerprints: list[str], request_id: str) -> list[str]:
+        """Return once ``events`` are in Redis with their marks: one status per event, :data:`NEW` (queued),
+        :data:`DUPLICATE` (already queued with this content) or :data:`CONFLICT` (another version is).
+        Raises :class:`PublishError` if they could not be queued, :class:`Overloaded` if too many wait."""
         if self._closing:
             raise PublishError("the API is shutting down", definite=True)
         if time.monotonic() < self._unavailable_until:
             raise PublishError(f"the queue is unavailable: {self._last_error}", definite=True)
-        item = _Pending(events, request_id)
+        if self._queued_events + len(events) > self._max_pending:
+            raise Overloaded(f"{self._queued_events} events already wait to be queued by this API process")
+        item = _Pending(events, fingerprints, request_id, [None] * len(events))
         self._queue.append(item)
         self._queued_events += len(events)
         self._wakeup.set()
         if self._queued_events >= self._max_events:
             self._full.set()
         # Shielded: a client that disconnects must not cancel a publish other requests share.
-        await asyncio.shield(item.done)
+        return await asyncio.shield(item.done)
 
     async def close(self) -> None:
         """Publish what is queued, then stop; requests still waiting get their answer first."""
@@ -105,10 +135,8 @@ class BatchingPublisher:
         self._wakeup.set()
         if self._runner is not None:
             await self._runner
-        self._executor.shutdown(wait=True)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
             if not self._queue:
@@ -121,33 +149,67 @@ class BatchingPublisher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._full.wait(), self._linger_s)
             batch = self._take()
-            events = [event for item in batch for event in item.events]
-            accepted_at = time.time()
             try:
-                # A deadline of our own: the clients' retries (redis-py retries some errors with backoff) must not
-                # hold requests for seconds. Past it the outcome is unknown (504), and the thread may still finish.
-                await asyncio.wait_for(
-                    loop.run_in_executor(
-                        self._executor, self._publish, events, accepted_at, [item.request_id for item in batch]
-                    ),
-                    self._deadline_s,
-                )
+                # A deadline of our own: past it the outcome is unknown (504); the script may still land.
+                sent = await asyncio.wait_for(self._publish(batch), self._deadline_s)
             except Exception as exc:  # noqa: BLE001 - every failure is reported to the waiting requests
-                log.warning("publishing %d events failed: %r", len(events), exc)
-                PUBLISH_FAILURES.labels("refused" if _is_definite(exc) else "unknown").inc()
-                self._unavailable_until = time.monotonic() + self.FAIL_FAST_S
-                self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                error = PublishError(f"could not queue events: {self._last_error}", definite=_is_definite(exc))
-                for item in batch:
-                    if not item.done.done():
-                        item.done.set_exception(error)
-                        # Mark retrieved: a request whose client went away never awaits it.
-                        item.done.exception()
+                log.warning("publishing %d events failed: %r", sum(len(i.events) for i in batch), exc)
+                self._fail(batch, exc)
             else:
-                PUBLISH_BATCH_EVENTS.observe(len(events))
+                if sent:
+                    PUBLISH_BATCH_EVENTS.observe(sent)
                 for item in batch:
                     if not item.done.done():
-                        item.done.set_result(None)
+                        item.done.set_result([s or NEW for s in item.statuses])
+
+    async def _publish(self, batch: list[_Pending]) -> int:
+        """Write the batch's events that are new, in one message; settle the statuses of the others."""
+        copies = _settle_within(batch)
+        try:
+            return await self._publish_rounds(batch)
+        finally:
+            # A second copy of an id in this message fares as its first copy did.
+            for item, i, first, j in copies:
+                item.statuses[i] = CONFLICT if first.statuses[j] == CONFLICT else DUPLICATE
+
+    async def _publish_rounds(self, batch: list[_Pending]) -> int:
+        for _ in range(self.MAX_ROUNDS):
+            todo = [(item, i) for item in batch for i, status in enumerate(item.statuses) if status is None]
+            if not todo:
+                return 0
+            accepted_at = time.time()
+            events = [item.events[i] for item, i in todo]
+            msg = message.build(
+                events,
+                accepted_at=accepted_at,
+                request_ids=list(dict.fromkeys(item.request_id for item, _ in todo)),
+            )
+            marks = [
+                (event["event_id"], mark_value(event, accepted_at, item.fingerprints[i]))
+                for event, (item, i) in zip(events, todo, strict=True)
+            ]
+            statuses = await self._enqueue(msg, marks)
+            if not statuses:
+                for item, i in todo:
+                    item.statuses[i] = NEW
+                return len(todo)
+            # Nothing was written: settle the duplicates and conflicts, and send the rest again.
+            for (item, i), status in zip(todo, statuses, strict=True):
+                if status != NEW:
+                    item.statuses[i] = status
+        raise PublishError("the same event ids kept changing while being queued", definite=True)
+
+    def _fail(self, batch: list[_Pending], exc: Exception) -> None:
+        definite = _is_definite(exc) if not isinstance(exc, PublishError) else exc.definite
+        PUBLISH_FAILURES.labels("refused" if definite else "unknown").inc()
+        self._unavailable_until = time.monotonic() + self.FAIL_FAST_S
+        self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        error = PublishError(f"could not queue events: {self._last_error}", definite=definite)
+        for item in batch:
+            if not item.done.done():
+                item.done.set_exception(error)
+                # Mark retrieved: a request whose client went away never awaits it.
+                item.done.exception()
 
     def _take(self) -> list[_Pending]:
         """Whole requests, oldest first, up to ``max_events`` (but always at least one request)."""
@@ -163,3 +225,24 @@ class BatchingPublisher:
         if not self._queue:
             self._wakeup.clear()
         return taken
+
+
+_COPY = "copy"
+
+
+def _settle_within(batch: list[_Pending]) -> list[tuple[_Pending, int, _Pending, int]]:
+    """One id twice in one message: the first copy is sent; a later one with other content is a conflict,
+    and one with the same content is returned, to fare as the first copy does."""
+    first: dict[str, tuple[_Pending, int]] = {}
+    copies: list[tuple[_Pending, int, _Pending, int]] = []
+    for item in batch:
+        for i, event in enumerate(item.events):
+            seen = first.setdefault(event["event_id"], (item, i))
+            if seen[0] is item and seen[1] == i:
+                continue
+            if seen[0].fingerprints[seen[1]] == item.fingerprints[i]:
+                item.statuses[i] = _COPY
+                copies.append((item, i, *seen))
+            else:
+                item.statuses[i] = CONFLICT
+    return copies

@@ -1,5 +1,8 @@
 """A per-key rate limit shared by every API process through Redis, without a round trip per request.
 
+It counts events, not requests: a batch of 1,000 events costs 1,000 units, a single event or a read costs 1
+(so batching saves round trips, not quota).
+
 Each process admits requests against the last known total of the current one-second window plus what it
 admitted itself since; every ``sync_s`` it adds its own count to the window's Redis counter and learns the
 total of all processes. So one process is exact, and several overshoot by at most one sync interval of
@@ -35,16 +38,19 @@ class RateLimiter:
         self._sync_s = sync_s
         self._windows: dict[str, _Window] = {}
 
-    def admit(self, key_id: str) -> float | None:
-        """None if the request may proceed, else the seconds until it may be retried."""
+    def admit(self, key_id: str, cost: int = 1) -> float | None:
+        """None if a request costing ``cost`` units (one per event, one per read) may proceed, else the
+        seconds until it may be retried. A cost above the limit is charged as the whole limit, so that one
+        large batch is still possible under a small limit."""
         now = time.time()
         second = int(now)
         window = self._windows.get(key_id)
         if window is None or window.second != second:
             window = self._windows[key_id] = _Window(second)
-        if window.known_total + window.pending >= self._limit:
+        cost = max(1, min(cost, self._limit))
+        if window.known_total + window.pending + cost > self._limit:
             return max(0.001, second + 1 - now)
-        window.pending += 1
+        window.pending += cost
         return None
 
     async def run(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
@@ -17,14 +18,20 @@ from uuid import UUID
 from cassandra import ConsistencyLevel
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, ResponseFuture, Session
+from cassandra.concurrent import execute_concurrent_with_args
 from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy, TokenAwarePolicy
 from cassandra.query import PreparedStatement
 from cassandra.util import Date
+
+from sluice.events import iso_utc_ms
 
 if TYPE_CHECKING:
     from sluice.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: Ids per ``IN`` read: one round trip for a message's events without a coordinator fan-out that is too wide.
+_IN_CHUNK = 100
 
 EVENT_COLUMNS: Final = (
     "event_id",
@@ -137,13 +144,19 @@ class StoredEvent:
     total_price: Decimal | None
     currency: str | None
 
+    def queued_form(self) -> dict[str, Any]:
+        """The stored event in the queued form (sluice.events.queued_form), to compare with a new version."""
+        out = self.as_json()
+        del out["accepted_at"]
+        return out
+
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "event_id": str(self.event_id),
             "type": self.type,
             "listing_id": self.listing_id,
             "user_id": self.user_id,
-            "occurred_at": _iso(self.occurred_at),
+            "occurred_at": iso_utc_ms(self.occurred_at),
         }
         if self.type == "booking":
             out |= {
@@ -153,13 +166,8 @@ class StoredEvent:
                 "total_price": str(self.total_price) if self.total_price is not None else None,
                 "currency": self.currency,
             }
-        out["accepted_at"] = _iso(self.accepted_at) if self.accepted_at else None
+        out["accepted_at"] = iso_utc_ms(self.accepted_at) if self.accepted_at else None
         return out
-
-
-def _iso(value: dt.datetime) -> str:
-    # The driver returns naive UTC datetimes; say so explicitly in the output.
-    return value.replace(tzinfo=dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Store:
@@ -180,6 +188,11 @@ class Store:
         self.select_by_id: PreparedStatement = session.prepare(
             f"SELECT {cols} FROM {keyspace}.events_by_id WHERE event_id = ?"
         )
+        # What is stored of several events at once (the worker's first-write-wins check before it writes).
+        self.select_many_by_id: PreparedStatement = session.prepare(
+            f"SELECT {cols} FROM {keyspace}.events_by_id WHERE event_id IN ?"
+        )
+        self.select_many_by_id.is_idempotent = True
         self.select_release: PreparedStatement = session.prepare("SELECT release_version FROM system.local")
         self.select_write_time: PreparedStatement = session.prepare(
             f"SELECT writetime(type) AS written FROM {keyspace}.events_by_id WHERE event_id = ?"
@@ -220,6 +233,20 @@ class Store:
             return None
         values = {name: getattr(rows[0], name) for name in EVENT_COLUMNS}
         return _stored(values)
+
+    def stored_versions(self, event_ids: Sequence[UUID], concurrency: int = 16) -> dict[UUID, StoredEvent]:
+        """What is stored of these events (blocking; the worker's side), by id; raises if a read fails."""
+        chunks = [list(event_ids[i : i + _IN_CHUNK]) for i in range(0, len(event_ids), _IN_CHUNK)]
+        results = execute_concurrent_with_args(
+            self.session, self.select_many_by_id, [(chunk,) for chunk in chunks], concurrency=concurrency
+        )
+        found: dict[UUID, StoredEvent] = {}
+        for ok, rows in results:
+            if not ok:
+                raise rows
+            for row in rows:
+                found[row.event_id] = _stored({name: getattr(row, name) for name in EVENT_COLUMNS})
+        return found
 
     async def write_time(self, event_id: UUID) -> dt.datetime | None:
         """Cassandra's write time of the event's cells (derived from occurred_at: see write_timestamp_us)."""

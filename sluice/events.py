@@ -9,10 +9,12 @@ booking fields on a view.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from decimal import Decimal
 from typing import Annotated, Any, Literal, TypeAlias
 from uuid import UUID
 
+import orjson
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -162,3 +164,23 @@ def event_id_of(raw: Any) -> str | None:
         if isinstance(value, str) and len(value) <= 64 and value.isprintable():
             return value
     return None
+
+
+def queued_form(event: ViewEvent | BookingEvent) -> dict[str, Any]:
+    """The event as it travels on the queue and is stored: plain JSON, ``occurred_at`` in UTC at millisecond
+    precision (what Cassandra keeps). Two posts that store the same row have the same queued form."""
+    out = event.model_dump(mode="json")
+    out["occurred_at"] = iso_utc_ms(event.occurred_at)
+    return out
+
+
+def iso_utc_ms(value: dt.datetime) -> str:
+    """``2026-11-25T08:30:00.250Z``: UTC, milliseconds (an aware datetime, or a naive one meaning UTC)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def fingerprint(queued: dict[str, Any]) -> str:
+    """16 hex digits that differ when two versions of one ``event_id`` differ in anything that is stored."""
+    return hashlib.blake2b(orjson.dumps(queued, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()

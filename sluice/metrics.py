@@ -68,6 +68,7 @@ for _outcome in ("refused", "unknown"):
 for _reason in (
     "write_failed",
     "invalid_event",
+    "conflict",
     "malformed_task",
     "undecodable",
     "unknown_task",

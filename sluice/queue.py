@@ -1,32 +1,42 @@
-"""The Celery app both sides share: the API publishes to it, the worker consumes from it.
+"""The worker's Celery app, and how task messages are delivered.
 
 Configured for at-least-once delivery on Redis and nothing else: tasks carry plain JSON, there is no
-result backend, a message is acknowledged only after its events are written (``acks_late``), and a message
-whose worker process died is requeued rather than acknowledged (``task_reject_on_worker_lost``).
+result backend, and the delivery options (:data:`DELIVERY`) are set here once.
 """
 
 from __future__ import annotations
 
-from typing import Final
+import ssl
+from typing import Any, Final
 
 from celery import Celery
 
 from sluice import keys
+from sluice.message import WRITE_EVENTS
 from sluice.settings import Settings
 
-#: The one task: write a batch of validated events to Cassandra.
-WRITE_EVENTS: Final = "sluice.write_events"
+__all__ = ["DELIVERY", "WRITE_EVENTS", "make_celery"]
+
+#: How every task message is delivered: the one place these are set (the app's defaults and each task).
+#: Acknowledged only after the task ran (``acks_late``); handed back when the process running it died
+#: (``reject_on_worker_lost``); and a task that *raised* is not acknowledged either: on Redis, Celery's
+#: "reject without requeue" drops the message, so our tasks never let an exception escape (they retry,
+#: dead-letter, or ``Reject(requeue=True)``), and this stays False so that a bug cannot ack silently.
+DELIVERY: Final[dict[str, Any]] = {
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "acks_on_failure_or_timeout": False,
+}
 
 
-def make_celery(settings: Settings, *, publisher: bool = False) -> Celery:
-    """The shared Celery app. ``publisher=True`` configures the API's side: a short socket timeout and no
-    publish retry, so a Redis that is away turns into a fast 503 rather than a request held for seconds."""
+def make_celery(settings: Settings) -> Celery:
+    """The shared Celery app (the worker's; the API publishes without Celery, see sluice/message.py)."""
     app = Celery("sluice", broker=settings.redis_url, set_as_current=False)
-    socket_timeout = settings.publish_timeout_s if publisher else settings.redis_socket_timeout_s
+    socket_timeout = settings.redis_socket_timeout_s
     transport = {
         # Longer than a task can run (task_time_limit), so a slow task is never handed to a second worker.
         "visibility_timeout": settings.visibility_timeout_s,
-        # Without socket timeouts kombu would block forever on a stalled Redis, and so would the API.
+        # Without socket timeouts kombu would block forever on a stalled Redis.
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": socket_timeout,
         "socket_keepalive": True,
@@ -36,10 +46,9 @@ def make_celery(settings: Settings, *, publisher: bool = False) -> Celery:
         "unacked_index_key": keys.UNACKED_INDEX,
         "unacked_mutex_key": keys.UNACKED_MUTEX,
     }
-    if publisher:
-        # kombu otherwise retries a refused connection after a 2 s pause before giving up: a request held
-        # for 2 s per publish while Redis is down. Fail at once; the client retries on 503.
-        transport |= {"max_retries": 0, "interval_start": 0}
+    if settings.redis_url.startswith("rediss://"):
+        # TLS to the broker (e.g. ElastiCache in-transit encryption) verifies the server's certificate.
+        app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -48,9 +57,9 @@ def make_celery(settings: Settings, *, publisher: bool = False) -> Celery:
         task_store_errors_even_if_ignored=False,
         task_default_queue=keys.EVENTS_QUEUE,
         task_routes={WRITE_EVENTS: {"queue": keys.EVENTS_QUEUE}},
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        task_acks_on_failure_or_timeout=True,
+        task_acks_late=DELIVERY["acks_late"],
+        task_reject_on_worker_lost=DELIVERY["reject_on_worker_lost"],
+        task_acks_on_failure_or_timeout=DELIVERY["acks_on_failure_or_timeout"],
         # One message per process at a time: with late acks, prefetching more would strand messages.
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit_s,
@@ -58,9 +67,6 @@ def make_celery(settings: Settings, *, publisher: bool = False) -> Celery:
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=socket_timeout,
-        # The API does not retry a publish: the client retries on 503, with the same event ids.
-        task_publish_retry=not publisher,
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
         worker_send_task_events=False,
         task_send_sent_event=False,
         worker_hijack_root_logger=False,

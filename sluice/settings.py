@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     rate_limit_per_s: int = Field(default=10_000, ge=1)
     #: Queue depth (messages in Redis) above which the API answers 503 with Retry-After instead of queueing.
     max_queue_depth: int = Field(default=20_000, ge=1)
+    #: Share of Redis's maxmemory above which the API answers 503 with Retry-After: well before Redis itself
+    #: refuses writes (noeviction), so that workers can still record retries, dead letters and progress.
+    max_redis_memory_ratio: float = Field(default=0.8, gt=0, le=1)
+    #: Events one API process holds while they wait for Redis; beyond it, requests get 503 at once.
+    max_pending_events: int = Field(default=50_000, ge=1)
+    #: Key that signs page tokens (HMAC). Unset: derived from SLUICE_API_KEYS, which every API process shares.
+    page_token_secret: SecretStr | None = None
     #: How far in the future ``occurred_at`` may lie (clock skew between clients and us), in seconds.
     max_clock_skew_s: int = Field(default=300, ge=0)
 
@@ -102,6 +109,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "SLUICE_TASK_TIME_LIMIT_S must be below SLUICE_VISIBILITY_TIMEOUT_S, "
                 "or a slow task would be handed to a second worker while it still runs"
+            )
+        if self.task_retry_backoff_max_s >= self.visibility_timeout_s:
+            raise ValueError(
+                "SLUICE_TASK_RETRY_BACKOFF_MAX_S must be below SLUICE_VISIBILITY_TIMEOUT_S: a retry waits in a "
+                "worker until it is due, and recovery would take a longer wait for a lost message"
             )
 
 

@@ -77,6 +77,18 @@ def test_rate_limit_per_key_answers_429_with_retry_after(limited_api: Service) -
         assert c.get(f"/v1/events/{view()['event_id']}").status_code == 404
 
 
+def test_rate_limit_counts_events_not_requests(limited_api: Service) -> None:
+    """A batch costs one unit per event: 15 + 1 events fit in a window of 20; 5 more do not."""
+    with httpx.Client(base_url=limited_api.base_url, headers=AUTH) as c:
+        time.sleep(1 - time.time() % 1)
+        assert c.post("/v1/events/batch", json={"events": [view() for _ in range(15)]}).status_code == 202
+        assert c.post("/v1/events", json=view()).status_code == 202
+        over = c.post("/v1/events/batch", json={"events": [view() for _ in range(5)]})
+        assert over.status_code == 429, over.text
+        assert over.json()["error"]["code"] == "rate_limited"
+        assert "events per second" in over.json()["error"]["message"]
+
+
 def test_no_secret_in_logs_errors_or_openapi(limited_api: Service, isolated_api: Service) -> None:
     with httpx.Client(base_url=limited_api.base_url) as c:
         wrong = c.post("/v1/events", json=view(), headers={"Authorization": "Bearer second-key-abcdeX"})

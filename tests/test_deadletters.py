@@ -20,10 +20,10 @@ from kombu import Connection, Exchange, Producer, Queue
 
 from devstack import PROJECT, Profile, Servers
 from sluice import keys
+from sluice.deadletters import Item, add
 from sluice.queue import WRITE_EVENTS, make_celery
 from sluice.settings import Settings
 from tests.support import Service, booking, service_env, start_worker, stored_rows, view, wait_until
-from worker.deadletters import add
 
 DB = 8
 
@@ -140,12 +140,12 @@ def test_failed_writes_are_dead_lettered_then_replayed_exactly_once(
             wait_until(lambda e=event: stored_rows(cassandra, e["event_id"]) == (1, 1), 30, "the replayed event")
         assert dead_letters(db) == {}
         # Replaying an event that is already stored leaves it stored once.
-        add(db, [(events[0], "test: replay of a stored event")], task_id=None, attempts=1)
+        add(db, [Item(events[0], "test: replay of a stored event")], kind="write_failed", task_id=None, attempts=1)
         assert cli(profile, "replay", events[0]["event_id"]).returncode == 0
         time.sleep(1)
         assert stored_rows(cassandra, events[0]["event_id"]) == (1, 1)
 
-        add(db, [(view(), "test: to purge")], task_id=None, attempts=1)
+        add(db, [Item(view(), "test: to purge")], kind="write_failed", task_id=None, attempts=1)
         purged = cli(profile, "purge", "--all")
         assert "purged 1 dead letter(s)" in purged.stdout
         assert dead_letters(db) == {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import signal
 import time
@@ -16,6 +15,8 @@ from cassandra.cluster import Session
 
 from devstack import Profile, Servers
 from sluice import keys
+from sluice.events import EVENT_ADAPTER, queued_form
+from sluice.marks import mark_value
 from sluice.queue import WRITE_EVENTS, make_celery
 from sluice.settings import Settings
 from tests.support import AUTH, Service, booking, start_worker, stored_rows, utc, view, wait_until
@@ -128,9 +129,9 @@ def test_an_event_whose_message_was_lost_is_queued_again(
 ) -> None:
     # As the API records an accepted event, but its message gone: taken off the queue by a worker that died
     # before it could record the delivery.
-    event = booking()
+    event = queued_form(EVENT_ADAPTER.validate_python(booking()))
     long_ago = time.time() - 3600
-    redis_client.hset(keys.QUEUED, event["event_id"], json.dumps({"a": long_ago, "e": event}))
+    redis_client.hset(keys.QUEUED, event["event_id"], mark_value(event, long_ago))
     redis_client.zadd(keys.QUEUED_INDEX, {event["event_id"]: long_ago})
     wait_until(lambda: stored_rows(cassandra, event["event_id"]) == (1, 1), 30, "the lost event to be re-queued")
     wait_until(lambda: not redis_client.hexists(keys.QUEUED, event["event_id"]), 5, "its record to be cleared")

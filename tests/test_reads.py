@@ -4,7 +4,6 @@ when messages are redelivered, and where one event is (queued, stored, dead-lett
 from __future__ import annotations
 
 import datetime as dt
-import json
 import random
 import time
 from typing import Any
@@ -15,10 +14,11 @@ import redis
 from cassandra.cluster import Session
 
 from sluice import keys
+from sluice.deadletters import Item, add
+from sluice.marks import mark_value
 from sluice.queue import WRITE_EVENTS, make_celery
 from sluice.settings import Settings
 from tests.support import AUTH, Service, booking, view, wait_until
-from worker.deadletters import add
 
 DAY0 = (dt.datetime.now(dt.UTC) - dt.timedelta(days=10)).replace(hour=0, minute=0, second=0, microsecond=0)
 
@@ -167,7 +167,7 @@ def test_where_an_event_is(client_factory: Any, cassandra: Session, redis_client
 
         # Queued: as the API marks an event it has put in Redis that no worker has written yet.
         queued_id = view()["event_id"]
-        redis_client.hset(keys.QUEUED, queued_id, json.dumps({"a": 1_764_000_000.5, "e": {}}))
+        redis_client.hset(keys.QUEUED, queued_id, mark_value({"event_id": queued_id}, 1_764_000_000.5))
         try:
             body = client.get(f"/v1/events/{queued_id}").json()
         finally:
@@ -175,7 +175,8 @@ def test_where_an_event_is(client_factory: Any, cassandra: Session, redis_client
         assert body == {"event_id": queued_id, "status": "queued", "accepted_at": "2025-11-24T16:00:00.500Z"}
 
         dead = view()
-        add(redis_client, [(dead, "write failed after 9 attempts: boom")], task_id="t", attempts=9)
+        add(redis_client, [Item(dead, "write failed after 9 attempts: boom")], kind="write_failed", task_id="t",
+            attempts=9)  # fmt: skip
         try:
             body = client.get(f"/v1/events/{dead['event_id']}").json()
         finally:

@@ -12,17 +12,15 @@ import os
 import threading
 from typing import Any
 
-import redis
 from celery import bootsteps
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 from prometheus_client import start_http_server
 
-from sluice.cassandra import Store
 from sluice.metrics import mark_process_dead, registry
 from sluice.queue import make_celery
 from sluice.settings import get_settings
+from worker.clients import clients
 from worker.recovery import recover_lost
-from worker.writer import EventWriter
 
 log = logging.getLogger("sluice.worker")
 
@@ -30,54 +28,8 @@ settings = get_settings()
 app = make_celery(settings)
 # Messages Celery cannot decode or route go to the dead-letter store instead of being dropped.
 app.conf.worker_consumer = "worker.consumer:DeadLetteringConsumer"
-
-
-class _ProcessClients:
-    """Clients of the current process, (re)made when first used in a new process."""
-
-    def __init__(self) -> None:
-        self._pid = 0
-        self._writer: EventWriter | None = None
-        self._redis: redis.Redis | None = None
-
-    def _check_pid(self) -> None:
-        if self._pid != os.getpid():
-            # Inherited from a parent across fork: unusable here, and must not be closed from here either.
-            self._writer = None
-            self._redis = None
-            self._pid = os.getpid()
-
-    @property
-    def writer(self) -> EventWriter:
-        self._check_pid()
-        if self._writer is None:
-            store = Store.open(settings)
-            self._writer = EventWriter(store, settings.write_concurrency)
-            log.info("process %d connected to Cassandra at %s", os.getpid(), settings.cassandra_contact_points)
-        return self._writer
-
-    @property
-    def redis(self) -> redis.Redis:
-        self._check_pid()
-        if self._redis is None:
-            self._redis = redis.Redis.from_url(
-                settings.redis_url,
-                socket_timeout=settings.redis_socket_timeout_s,
-                socket_connect_timeout=settings.redis_socket_timeout_s,
-            )
-        return self._redis
-
-    def close(self) -> None:
-        if self._pid == os.getpid():
-            if self._writer is not None:
-                self._writer.store.close()
-            if self._redis is not None:
-                self._redis.close()
-        self._writer = None
-        self._redis = None
-
-
-clients = _ProcessClients()
+# The tasks module imports this one (for ``app``); the worker imports it at start, so no cycle.
+app.conf.include = ["worker.tasks"]
 
 
 @worker_process_init.connect
@@ -108,7 +60,8 @@ class RestoreUnacked(bootsteps.StartStopStep):
     kombu's Redis transport does this itself only on every tenth of its 10-second checks, so a message a
     killed worker held could wait the visibility timeout plus 100 s. This step checks every quarter of the
     visibility timeout (at most every 30 s); only messages older than the timeout are restored. Then it
-    re-queues accepted events whose message was lost before it was ever recorded (worker/recovery.py).
+    re-queues accepted events whose message was lost before it was ever recorded (worker/recovery.py), also
+    while the queue has a backlog.
     """
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
@@ -130,7 +83,7 @@ class RestoreUnacked(bootsteps.StartStopStep):
             with parent.app.connection_for_read() as conn:
                 conn.default_channel.qos.restore_visible(num=1000, interval=1)
             # Events whose message never reached the unacknowledged set (see worker/recovery.py).
-            recover_lost(clients.redis, parent.app, older_than_s=settings.visibility_timeout_s + 2 * self.interval)
+            recover_lost(clients.marks, older_than_s=settings.visibility_timeout_s + 2 * self.interval)
         except Exception as exc:  # noqa: BLE001 - Redis away: the next round tries again
             log.warning("could not restore unacknowledged messages: %r", exc)
 
@@ -139,6 +92,3 @@ class RestoreUnacked(bootsteps.StartStopStep):
 
 
 app.steps["worker"].add(RestoreUnacked)
-
-# Registers the tasks on ``app``.
-from worker import tasks  # noqa: E402,F401

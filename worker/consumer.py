@@ -13,21 +13,22 @@ from typing import Any
 
 from celery.worker.consumer import Consumer
 
-from worker import deadletters
+from sluice import deadletters
+from sluice.deadletters import Item
 
 log = logging.getLogger("sluice.worker")
 
 
 class DeadLetteringConsumer(Consumer):
     def _dead_letter(self, message: Any, reason: str, kind: str) -> bool:
-        from worker.app import clients
+        from worker.clients import clients
 
         body = message.body
         text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else str(body)
         headers = dict(message.headers or {})
         record = {"message_body": text[:100_000], "task": headers.get("task"), "id": headers.get("id")}
         try:
-            deadletters.add(clients.redis, [(record, reason)], task_id=headers.get("id"), attempts=1, kind=kind)
+            deadletters.add(clients.redis, [Item(record, reason)], task_id=headers.get("id"), attempts=1, kind=kind)
         except Exception as exc:  # noqa: BLE001
             log.error("could not dead-letter a message (%s): %r; leaving it unacknowledged", reason, exc)
             return False

@@ -1,64 +1,76 @@
-"""Re-queue accepted events whose message was lost in flight.
+"""Re-queue accepted events whose message was lost in flight, also while the queue has a backlog.
 
 kombu's Redis transport takes a message off the queue (BRPOP) before it records the delivery in its
-unacknowledged set; a worker killed in between loses that message, and nothing in Redis remembers it. The
-API therefore also records every accepted event (``keys.QUEUED``/``keys.QUEUED_INDEX``) until a worker has
-written or dead-lettered it. Once the queue is empty, an event still recorded long after it was queued
-(longer than the visibility timeout, so no live delivery can still hold it) has lost its message: it is
-queued again. The write is idempotent, so a false alarm costs only a rewrite of identical cells.
+unacknowledged set; a worker killed in between loses that message, and nothing in Redis but the events'
+queued marks (:mod:`sluice.marks`) remembers it. Each mark's index score says when its event was last
+queued, or last picked up by a worker. An event is lost when its score is older than
+
+* the visibility timeout (plus a margin): no live delivery can still hold it (a worker refreshes the score
+  when it starts on a message, and a task never runs longer than its time limit), and
+* the oldest message still in the queue (its ``sluice_enqueued_at``): the queue is first in, first out, so
+  everything queued before that message has been taken off it. This is what lets recovery run under a
+  backlog: an old event still waiting its turn is never younger than the queue's head.
+
+Such events are queued again (with their marks' scores refreshed, in one script). The write is idempotent
+and the worker skips events already stored, so a false alarm costs one read.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, cast
+from typing import Final, cast
 
-import orjson
-import redis
-from celery import Celery
-
-from sluice import keys
-from sluice.queue import WRITE_EVENTS
+from sluice import keys, message
+from sluice.marks import Marks
 
 log = logging.getLogger("sluice.worker")
 
 #: Events per re-queued message.
-CHUNK = 500
+CHUNK: Final = 500
+#: Slack for the clocks of the hosts that stamp scores and messages.
+CLOCK_MARGIN_S: Final = 5.0
 
 
-def recover_lost(client: redis.Redis, celery: Celery, *, older_than_s: float, limit: int = 5000) -> int:
-    """Queue again the events recorded longer than ``older_than_s`` ago; returns how many."""
-    # A backlog means old events may still be waiting their turn: only an empty queue proves them lost.
-    if client.llen(keys.EVENTS_QUEUE):
+def lost_before(marks: Marks, older_than_s: float, now: float | None = None) -> float | None:
+    """Marks scored before this instant belong to lost messages; None when that cannot be told now."""
+    now = time.time() if now is None else now
+    cutoff = now - older_than_s
+    head = cast("bytes | None", marks.client.lindex(keys.EVENTS_QUEUE, -1))
+    if head is not None:
+        head_at = message.enqueued_at(head)
+        if head_at is None:
+            return None  # a message from another producer heads the queue: its age is unknown
+        cutoff = min(cutoff, head_at - CLOCK_MARGIN_S)
+    return cutoff
+
+
+def recover_lost(marks: Marks, *, older_than_s: float, limit: int = 5000) -> int:
+    """Queue again the events whose message was lost; returns how many."""
+    client = marks.client
+    cutoff = lost_before(marks, older_than_s)
+    if cutoff is None:
         return 0
     # One worker per round: several would queue the same events more than once (harmless, but wasteful).
     if not client.set(keys.RECOVERY_LOCK, "1", nx=True, ex=max(1, int(older_than_s / 3))):
         return 0
-    ids = cast("list[bytes]", client.zrangebyscore(keys.QUEUED_INDEX, "-inf", time.time() - older_than_s, 0, limit))
+    ids = cast("list[bytes]", client.zrangebyscore(keys.QUEUED_INDEX, "-inf", cutoff, 0, limit))
     if not ids:
         return 0
-    records = cast("list[bytes | None]", client.hmget(keys.QUEUED, ids))
-    found: list[dict[str, Any]] = []
-    gone: list[bytes] = []
-    for event_id, raw in zip(ids, records, strict=True):
-        if raw is None:
-            gone.append(event_id)
-        else:
-            found.append(orjson.loads(raw))
+    records = marks.get(ids)
+    found = [(event_id.decode(), mark) for event_id, mark in zip(ids, records, strict=True) if mark]
+    gone = [event_id for event_id, mark in zip(ids, records, strict=True) if mark is None]
     for start in range(0, len(found), CHUNK):
         chunk = found[start : start + CHUNK]
-        celery.send_task(
-            WRITE_EVENTS,
-            args=[[record["e"] for record in chunk], min(float(record["a"]) for record in chunk)],
-            kwargs={"request_ids": ["recovery"]},
+        msg = message.build(
+            [mark.event for _, mark in chunk],
+            accepted_at=min(mark.accepted_at for _, mark in chunk),
+            request_ids=["recovery"],
+            origin="recovery",
         )
-    with client.pipeline(transaction=False) as pipe:
-        if found:
-            pipe.zadd(keys.QUEUED_INDEX, dict.fromkeys((str(r["e"]["event_id"]) for r in found), time.time()), xx=True)
-        if gone:
-            pipe.zrem(keys.QUEUED_INDEX, *gone)
-        pipe.execute()
+        marks.requeue(msg, [event_id for event_id, _ in chunk])
+    if gone:
+        client.zrem(keys.QUEUED_INDEX, *gone)
     if found:
         log.warning("re-queued %d accepted events whose message was lost in flight", len(found))
     return len(found)

@@ -1,9 +1,12 @@
 """The worker's tasks, each declared through :func:`instrumented_task`.
 
-A task here never fails in the Celery sense: a failed task's message is acknowledged and gone. Every run
-ends in one of three ways for each event: it is written; it is retried with backoff (a new message is in
-Redis before the old one is acknowledged); or, after the last attempt, it goes to the dead-letter store
-with the reason. If even the retry cannot be published, the message is rejected back to the queue.
+A task here never fails in the Celery sense: on Redis, a task that raises has its message dropped (Celery
+rejects it without requeue). Every run ends in one of these ways for each event: it is stored (now, or it
+already was); it is a conflict with a stored first version (dead-lettered as such); it is retried with
+backoff (a new message, published with its marks' scores refreshed, before this one is acknowledged); or,
+after the last attempt, it goes to the dead-letter store with the reason. If Redis refuses any of those
+records, the task raises ``Reject(requeue=True)``: the message goes back to the queue (or stays
+unacknowledged, to be handed out again), never acknowledged with its events nowhere.
 """
 
 from __future__ import annotations
@@ -12,34 +15,36 @@ import datetime as dt
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from celery import Task
-from celery.exceptions import Reject, Retry
+from celery.exceptions import Reject
 
-from sluice import keys
-from sluice.events import BookingEvent, ViewEvent, validate_event
+from sluice import deadletters, keys, message
+from sluice.deadletters import Item
+from sluice.events import BookingEvent, ViewEvent, queued_form, validate_event
+from sluice.marks import Marks
+from sluice.message import WRITE_EVENTS
 from sluice.metrics import EVENT_LAG, EVENTS_WRITTEN, TASK_RETRIES, WRITE_DURATION
-from sluice.queue import WRITE_EVENTS
-from worker import deadletters
-from worker.app import app, clients, settings
+from sluice.queue import DELIVERY
+from worker.app import app, settings
+from worker.clients import clients
+from worker.writer import WriteOutcome
 
 log = logging.getLogger("sluice.worker")
 
 F = TypeVar("F", bound=Callable[..., Any])
+Event = ViewEvent | BookingEvent
 
 
 def instrumented_task(name: str, **options: Any) -> Callable[[F], F]:
-    """Declare a task with the project's delivery guarantees: late acks, requeue on a lost worker,
-    bounded retries; JSON arguments only (the app accepts nothing else)."""
+    """Declare a task with the project's delivery guarantees (sluice.queue.DELIVERY), bounded retries and
+    no result; JSON arguments only (the app accepts nothing else)."""
     defaults: dict[str, Any] = {
         "name": name,
         "bind": True,
-        "acks_late": True,
-        "reject_on_worker_lost": True,
-        # A failure we did not handle (a bug) must not acknowledge the message: reject it instead.
-        "acks_on_failure_or_timeout": False,
+        **DELIVERY,
         "max_retries": settings.task_max_retries,
         "ignore_result": True,
     }
@@ -52,137 +57,127 @@ def backoff_s(retries: int) -> float:
     return float(ceiling * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not cryptography
 
 
-def _count_drained(written: int, done: list[ViewEvent | BookingEvent]) -> None:
-    """Feed the drain rate the API's backpressure uses, and clear the "queued" marks of the events that are
-    done (written or dead-lettered). Best effort: a lost count only skews Retry-After, and a mark left
-    behind expires (and is never read for a stored event: the store is asked first)."""
+class _MustRequeue(Exception):
+    """Redis refused a record this message's outcome depends on: hand the message back, do not ack it."""
+
+
+def _dead_letter(items: Sequence[Item], **kwargs: Any) -> None:
     try:
-        with clients.redis.pipeline(transaction=False) as pipe:
-            pipe.incrby(keys.WRITTEN_TOTAL, written)
-            pipe.incr(keys.DRAINED_MESSAGES)
-            if done:
-                ids = [str(event.event_id) for event in done]
-                pipe.hdel(keys.QUEUED, *ids)
-                pipe.zrem(keys.QUEUED_INDEX, *ids)
-            pipe.execute()
-    except Exception as exc:  # noqa: BLE001
-        log.debug("could not count drained events: %r", exc)
+        deadletters.add(clients.redis, items, **kwargs)
+    except Exception as exc:
+        raise _MustRequeue(f"could not dead-letter {len(items)} item(s): {exc!r}") from exc
 
 
-def _still_queued(events: list[ViewEvent | BookingEvent]) -> None:
-    """Events travelling on in a retry are not lost: keep recovery (worker/recovery.py) off them."""
-    try:
-        clients.redis.zadd(keys.QUEUED_INDEX, dict.fromkeys((str(e.event_id) for e in events), time.time()), xx=True)
-    except Exception as exc:  # noqa: BLE001 - at worst recovery queues them again, which is idempotent
-        log.debug("could not refresh the queued index: %r", exc)
+def _finish(stored: Sequence[Event], accepted_at: float) -> None:
+    """Count the stored events, clear their marks and feed the drain rate behind the API's Retry-After.
 
-
-def _count_written(
-    valid: list[ViewEvent | BookingEvent], failed: list[tuple[ViewEvent | BookingEvent, Exception]], accepted_at: float
-) -> list[ViewEvent | BookingEvent]:
-    """Count the written events in the metrics; returns them."""
-    failed_ids = {id(event) for event, _ in failed}
-    written = [event for event in valid if id(event) not in failed_ids]
-    views = sum(1 for event in written if event.type == "view")
+    Best effort: a mark left behind is re-queued later by recovery and found stored (one read); a lost count
+    only skews Retry-After."""
+    views = sum(1 for event in stored if event.type == "view")
     if views:
         EVENTS_WRITTEN.labels("view").inc(views)
-    if len(written) > views:
-        EVENTS_WRITTEN.labels("booking").inc(len(written) - views)
-    if written:
+    if len(stored) > views:
+        EVENTS_WRITTEN.labels("booking").inc(len(stored) - views)
+    if stored:
         # One observation per message: its events share the moment the API accepted them.
         EVENT_LAG.observe(max(0.0, time.time() - accepted_at))
-    return written
-
-
-def _parse_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], float, list[str]] | str:
-    """The task's arguments, or why they cannot be used (a message from an older or broken producer)."""
-    events = args[0] if args else kwargs.get("events")
-    accepted_at = args[1] if len(args) > 1 else kwargs.get("accepted_at")
-    request_ids = kwargs.get("request_ids") or []
-    if not isinstance(events, list):
-        return f"malformed task arguments: events is {type(events).__name__}, not a list"
-    if not isinstance(accepted_at, int | float) or isinstance(accepted_at, bool):
-        accepted_at = time.time()
-    if not isinstance(request_ids, list):
-        request_ids = []
-    return events, float(accepted_at), [str(r) for r in request_ids]
+    try:
+        with clients.redis.pipeline(transaction=False) as pipe:
+            pipe.incrby(keys.WRITTEN_TOTAL, len(stored))
+            pipe.incr(keys.DRAINED_MESSAGES)
+            Marks.done(pipe, [str(event.event_id) for event in stored])
+            pipe.execute()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not clear the marks of %d stored events: %r", len(stored), exc)
 
 
 @instrumented_task(WRITE_EVENTS)
 def write_events(self: Task[Any, Any], *args: Any, **kwargs: Any) -> int:
-    """Write a batch of events: ``write_events(events, accepted_at, request_ids=[...])``; returns how many
-    were written. Takes ``*args``: a message with the wrong arguments must be dead-lettered, not lost to a
+    """Write a batch of events: ``write_events(events, accepted_at=..., request_ids=[...])``; returns how many
+    are stored. Takes ``*args``: a message with the wrong arguments must be dead-lettered, not lost to a
     TypeError before this body runs."""
+    try:
+        return _write_events(self, args, kwargs)
+    except _MustRequeue as exc:
+        log.error("%s; returning the message to the queue", exc)
+        raise Reject(str(exc), requeue=True) from exc
+
+
+def _write_events(self: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     started = time.perf_counter()
     attempt = self.request.retries + 1
-    parsed = _parse_arguments(args, kwargs)
+    task_id = self.request.id
+    parsed = message.parse_arguments(args, kwargs)
     if isinstance(parsed, str):
-        deadletters.add(clients.redis, [({"args": args, "kwargs": kwargs}, parsed)], task_id=self.request.id,
-                        attempts=attempt, kind="malformed_task")  # fmt: skip
-        log.error("dead-lettered task %s: %s", self.request.id, parsed)
-        _count_drained(0, [])
+        _dead_letter([Item({"args": args, "kwargs": kwargs}, parsed)], kind="malformed_task", task_id=task_id,
+                     attempts=attempt)  # fmt: skip
+        log.error("dead-lettered task %s: %s", task_id, parsed)
+        _finish([], time.time())
         return 0
-    events, accepted_at, request_ids = parsed
 
-    valid: list[ViewEvent | BookingEvent] = []
-    rejected: list[tuple[Any, str]] = []
-    for raw in events:
-        outcome = validate_event(raw)
-        if isinstance(outcome, list):
-            reason = "; ".join(f"{'.'.join(map(str, e.loc)) or '<event>'}: {e.msg}" for e in outcome)
-            rejected.append((raw, f"invalid event: {reason}"))
+    valid: list[Event] = []
+    rejected: list[Item] = []
+    for raw in parsed.events:
+        checked = validate_event(raw)
+        if isinstance(checked, list):
+            reason = "; ".join(f"{'.'.join(map(str, e.loc)) or '<event>'}: {e.msg}" for e in checked)
+            rejected.append(Item(raw, f"invalid event: {reason}"))
         else:
-            valid.append(outcome)
+            valid.append(checked)
+    try:
+        # Recovery must not take these for lost while this run works on them (however long they queued).
+        clients.marks.picked_up([str(event.event_id) for event in valid])
+    except Exception as exc:  # noqa: BLE001 - at worst recovery queues them again, which is idempotent
+        log.debug("could not refresh the marks of task %s: %r", task_id, exc)
     if rejected:
         # A message from an older or broken producer must not block the valid events it carries.
-        deadletters.add(clients.redis, rejected, task_id=self.request.id, attempts=attempt, kind="invalid_event")
-        log.warning("dead-lettered %d invalid events of task %s", len(rejected), self.request.id)
+        _dead_letter(rejected, kind="invalid_event", task_id=task_id, attempts=attempt,
+                     accepted_at=parsed.accepted_at)  # fmt: skip
+        log.warning("dead-lettered %d invalid events of task %s", len(rejected), task_id)
 
-    accepted = dt.datetime.fromtimestamp(accepted_at, dt.UTC)
+    accepted = dt.datetime.fromtimestamp(parsed.accepted_at, dt.UTC)
     try:
-        failed = clients.writer.write(valid, accepted)
+        outcome = clients.writer.write(valid, accepted)
     except Exception as exc:  # noqa: BLE001 - e.g. no connection at all: every event failed
-        failed = [(event, exc) for event in valid]
+        outcome = WriteOutcome(failed=[(event, exc) for event in valid])
     took = time.perf_counter() - started
     WRITE_DURATION.observe(took)
-    done = _count_written(valid, failed, accepted_at)
-    written = len(done)
-    if not failed:
-        log.info("wrote %d events in %.1f ms (task %s, attempt %d)", written, took * 1000, self.request.id,
-                 attempt, extra={"task_id": self.request.id, "request_ids": request_ids})  # fmt: skip
-        _count_drained(written, done)
-        return written
 
-    error = failed[0][1]
-    if self.request.retries >= (self.max_retries or 0):
-        deadletters.add(
-            clients.redis,
-            [
-                (event.model_dump(mode="json"), f"write failed after {attempt} attempts: {exc!r}")
-                for event, exc in failed
-            ],
-            task_id=self.request.id,
-            attempts=attempt,
-        )
-        log.error("dead-lettered %d events of task %s after %d attempts: %r", len(failed), self.request.id,
-                  attempt, error)  # fmt: skip
-        _count_drained(written, done + [event for event, _ in failed])
-        return written
-    countdown = backoff_s(self.request.retries)
-    TASK_RETRIES.inc()
-    _still_queued([event for event, _ in failed])
-    log.warning("writing %d of %d events failed (attempt %d), retrying in %.1f s: %r", len(failed), len(valid),
-                attempt, countdown, error)  # fmt: skip
-    try:
-        # Only the failed events travel on: the rest are written, the invalid ones dead-lettered.
-        raise self.retry(
-            args=([event.model_dump(mode="json") for event, _ in failed], accepted_at),
-            kwargs={"request_ids": request_ids},
-            countdown=countdown,
-            exc=error,
-        )
-    except Retry:
-        raise
-    except Exception as publish_exc:
-        log.error("could not queue the retry (%r); returning the message to the queue", publish_exc)
-        raise Reject(publish_exc, requeue=True) from publish_exc
+    if outcome.conflicts:
+        ids = [str(event.event_id) for event in outcome.conflicts]
+        _dead_letter(
+            [Item(queued_form(e), "conflict: this event_id is stored with other content; the first version "
+                  "wins") for e in outcome.conflicts],
+            kind="conflict", task_id=task_id, attempts=attempt, accepted_at=parsed.accepted_at, release_marks=ids,
+        )  # fmt: skip
+        log.warning("refused %d events of task %s: their ids are stored with other content", len(ids), task_id)
+
+    if outcome.failed:
+        error = outcome.failed[0][1]
+        failed = [queued_form(event) for event, _ in outcome.failed]
+        if self.request.retries >= (self.max_retries or 0):
+            _dead_letter(
+                [Item(event, f"write failed after {attempt} attempts: {exc!r}")
+                 for event, (_, exc) in zip(failed, outcome.failed, strict=True)],
+                kind="write_failed", task_id=task_id, attempts=attempt, accepted_at=parsed.accepted_at,
+            )  # fmt: skip
+            log.error("dead-lettered %d events of task %s after %d attempts: %r", len(failed), task_id, attempt,
+                      error)  # fmt: skip
+        else:
+            countdown = backoff_s(self.request.retries)
+            # Only the failed events travel on: the rest are stored, refused or dead-lettered.
+            retry = message.build(failed, accepted_at=parsed.accepted_at, request_ids=parsed.request_ids,
+                                  retries=self.request.retries + 1, countdown_s=countdown, origin="retry")  # fmt: skip
+            try:
+                clients.marks.requeue(retry, [event["event_id"] for event in failed])
+            except Exception as exc:
+                raise _MustRequeue(f"could not queue the retry of {len(failed)} events: {exc!r}") from exc
+            TASK_RETRIES.inc()
+            log.warning("writing %d of %d events failed (attempt %d), retrying in %.1f s: %r", len(failed),
+                        len(valid), attempt, countdown, error)  # fmt: skip
+
+    _finish(outcome.stored, parsed.accepted_at)
+    if not outcome.failed:
+        log.info("wrote %d events in %.1f ms (task %s, attempt %d)", len(outcome.stored), took * 1000, task_id,
+                 attempt, extra={"task_id": task_id, "request_ids": parsed.request_ids})  # fmt: skip
+    return len(outcome.stored)

@@ -1,8 +1,14 @@
-"""Writing a batch of validated events to Cassandra: batched per partition, with bounded concurrency.
+"""Writing a batch of validated events to Cassandra: first write wins, batched per replica, bounded concurrency.
 
 Each event is written to ``events_by_listing_day`` first and to ``events_by_id`` last, so an event that can
 be read by id is fully stored. Every cell carries a write timestamp derived from the event itself, which
 makes a rewrite after a redelivery or an ambiguous timeout byte-identical: no second row, no changed cell.
+
+Before writing, the events' ``events_by_id`` rows are read (one ``IN`` query per 100 ids): an event already
+stored with the same content is done (a redelivery: nothing is written again), and one stored with other
+content is a **conflict**: the first version stays, the new one is not written anywhere (so both tables
+keep agreeing, listing reads show the event once, and stats count it once). The API refuses a second version
+while the first is queued (409); this check covers a second version that arrives after the first is stored.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -17,7 +24,7 @@ from cassandra.concurrent import execute_concurrent
 from cassandra.query import BatchStatement, BatchType, BoundStatement, PreparedStatement
 
 from sluice.cassandra import Store, write_timestamp_us
-from sluice.events import BookingEvent, ViewEvent
+from sluice.events import BookingEvent, ViewEvent, fingerprint, queued_form
 
 #: Rows per unlogged batch: about 4 KiB of views, under Cassandra's default batch size warning (5 KiB).
 ROWS_PER_BATCH = 20
@@ -44,18 +51,50 @@ def row_params(event: ViewEvent | BookingEvent, accepted_at: dt.datetime) -> tup
     )
 
 
+@dataclass
+class WriteOutcome:
+    """What became of each event of a write: stored (now or before), a conflict, or failed (retry it)."""
+
+    stored: list[ViewEvent | BookingEvent] = field(default_factory=list)
+    conflicts: list[ViewEvent | BookingEvent] = field(default_factory=list)
+    failed: list[tuple[ViewEvent | BookingEvent, Exception]] = field(default_factory=list)
+
+
 class EventWriter:
     def __init__(self, store: Store, concurrency: int) -> None:
         self.store = store
         self.concurrency = concurrency
 
-    def write(
+    def write(self, events: Sequence[ViewEvent | BookingEvent], accepted_at: dt.datetime) -> WriteOutcome:
+        """Store the events unless another version is stored; safe to call again with any of them.
+
+        One failing batch does not fail the others: only the events of failed batches need a retry."""
+        outcome = WriteOutcome()
+        if not events:
+            return outcome
+        try:
+            stored = self.store.stored_versions([event.event_id for event in events])
+        except Exception as exc:  # noqa: BLE001 - the read failed: every event needs a retry
+            outcome.failed = [(event, exc) for event in events]
+            return outcome
+        todo: list[ViewEvent | BookingEvent] = []
+        for event in events:
+            existing = stored.get(event.event_id)
+            if existing is None:
+                todo.append(event)
+            elif fingerprint(existing.queued_form()) == fingerprint(queued_form(event)):
+                outcome.stored.append(event)
+            else:
+                outcome.conflicts.append(event)
+        failed = self._write(todo, accepted_at)
+        failed_ids = {id(event) for event, _ in failed}
+        outcome.stored += [event for event in todo if id(event) not in failed_ids]
+        outcome.failed = failed
+        return outcome
+
+    def _write(
         self, events: Sequence[ViewEvent | BookingEvent], accepted_at: dt.datetime
     ) -> list[tuple[ViewEvent | BookingEvent, Exception]]:
-        """Store the events; returns those that failed, with the error. Safe to call again with any of them.
-
-        One failing batch does not fail the others: only the events of failed batches need a retry.
-        """
         if not events:
             return []
         rows = [row_params(event, accepted_at) for event in events]

@@ -13,12 +13,23 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from api.body import read_json
-from api.deps import AUTHORIZED, QUEUE_HAS_ROOM, PublisherDep, ResourcesDep, SettingsDep, StoreDep
+from api.deps import AUTHORIZED, QUEUE_HAS_ROOM, RATE_LIMITED, PublisherDep, ResourcesDep, SettingsDep, StoreDep, charge
 from api.errors import ApiError, ErrorBody, store_read_failed
-from api.publisher import PublishError
+from api.publisher import Overloaded, PublishError
 from api.responses import JSONResponse
 from sluice import keys
-from sluice.events import EVENT_TYPES, BookingEvent, FieldError, ViewEvent, event_id_of, validate_event
+from sluice.events import (
+    EVENT_TYPES,
+    BookingEvent,
+    FieldError,
+    ViewEvent,
+    event_id_of,
+    fingerprint,
+    iso_utc_ms,
+    queued_form,
+    validate_event,
+)
+from sluice.marks import CONFLICT, NEW, parse_mark
 from sluice.metrics import EVENTS_ACCEPTED, EVENTS_REJECTED
 
 router = APIRouter(prefix="/v1", tags=["events"], dependencies=[AUTHORIZED])
@@ -88,8 +99,13 @@ INGEST_ERRORS: dict[int | str, dict[str, Any]] = {
     **_errors(400, "The body is not valid JSON, or has a duplicate key."),
     **_errors(413, "The body is larger than SLUICE_MAX_BODY_BYTES (1 MiB by default)."),
     **_errors(415, "The body is not JSON (Content-Type must be application/json)."),
+    **_errors(409, "The event_id is already queued with other content (first write wins); nothing was queued."),
     **_errors(422, "No event is valid; details give the path of each bad field."),
-    **_errors(503, "The queue is full or unavailable; nothing was queued. Retry after Retry-After seconds."),
+    **_errors(
+        503,
+        "The queue is full or unavailable, or the API is overloaded; nothing was queued. Retry after "
+        "Retry-After seconds.",
+    ),
     **_errors(504, "Redis did not confirm in time: the events may or may not be queued. Retry them (same ids)."),
 }
 
@@ -112,14 +128,19 @@ def _count_rejected(raw: Any) -> None:
     EVENTS_REJECTED.labels(kind if kind in EVENT_TYPES else "unknown").inc()
 
 
-async def _queue(publisher: PublisherDep, events: list[dict[str, Any]], request: Request) -> None:
+def _conflict_error(loc: list[str | int], event_id: str) -> dict[str, Any]:
+    return {"loc": loc, "type": "conflict",
+            "msg": f"event {event_id} is already queued with other content; the first version wins"}  # fmt: skip
+
+
+async def _queue(publisher: PublisherDep, events: list[ViewEvent | BookingEvent]) -> list[str]:
+    """Queue the events with their marks; one status per event (NEW, DUPLICATE or CONFLICT)."""
+    queued = [queued_form(event) for event in events]
+    fingerprints = [fingerprint(item) for item in queued]
     try:
-        await publisher.submit(events, correlation_id.get() or uuid.uuid4().hex)
-        views = sum(1 for event in events if event["type"] == "view")
-        if views:
-            EVENTS_ACCEPTED.labels("view").inc(views)
-        if len(events) > views:
-            EVENTS_ACCEPTED.labels("booking").inc(len(events) - views)
+        statuses = await publisher.submit(queued, fingerprints, correlation_id.get() or uuid.uuid4().hex)
+    except Overloaded as exc:
+        raise ApiError(503, "overloaded", f"{exc}; nothing was queued", headers={"Retry-After": "1"}) from None
     except PublishError as exc:
         if exc.definite:
             raise ApiError(
@@ -129,6 +150,13 @@ async def _queue(publisher: PublisherDep, events: list[dict[str, Any]], request:
             504, "queue_timeout", f"{exc}; the events may or may not be queued: retry with the same event ids",
             headers={"Retry-After": "1"},
         ) from None  # fmt: skip
+    views = sum(1 for event, status in zip(queued, statuses, strict=True) if status == NEW and event["type"] == "view")
+    new = statuses.count(NEW)
+    if views:
+        EVENTS_ACCEPTED.labels("view").inc(views)
+    if new > views:
+        EVENTS_ACCEPTED.labels("booking").inc(new - views)
+    return statuses
 
 
 @router.post(
@@ -142,12 +170,16 @@ async def _queue(publisher: PublisherDep, events: list[dict[str, Any]], request:
 )
 async def post_event(request: Request, settings: SettingsDep, publisher: PublisherDep) -> JSONResponse:
     raw = await read_json(request, settings.max_body_bytes)
+    charge(request, 1)
     event = validate_event(raw, max_future_s=settings.max_clock_skew_s)
     if isinstance(event, list):
         _count_rejected(raw)
         raise ApiError(422, "invalid_event", "the event is invalid", [e.model_dump() for e in event])
-    await _queue(publisher, [event.model_dump(mode="json")], request)
     event_id = str(event.event_id)
+    [status] = await _queue(publisher, [event])
+    if status == CONFLICT:
+        raise ApiError(409, "conflict", f"event {event_id} is already queued with other content; the first "
+                       "version wins and nothing was queued", [_conflict_error(["event_id"], event_id)])  # fmt: skip
     return JSONResponse(
         {
             "accepted": 1,
@@ -187,8 +219,9 @@ async def post_batch(request: Request, settings: SettingsDep, publisher: Publish
     if len(items) > limit:
         raise _batch_error("batch_too_large", f"a batch holds at most {limit} events", ["events"], "too_long",
                            f"List should have at most {limit} items, not {len(items)}")  # fmt: skip
+    charge(request, len(items))
 
-    accepted: list[dict[str, Any]] = []
+    valid: list[ViewEvent | BookingEvent] = []
     results: list[dict[str, Any]] = []
     all_errors: list[dict[str, Any]] = []
     for index, item in enumerate(items):
@@ -199,19 +232,28 @@ async def post_batch(request: Request, settings: SettingsDep, publisher: Publish
             all_errors += errors
             results.append({"index": index, "event_id": event_id_of(item), "status": "rejected", "errors": errors})
         else:
-            accepted.append(outcome.model_dump(mode="json"))
+            valid.append(outcome)
             results.append({"index": index, "event_id": str(outcome.event_id), "status": "accepted", "errors": []})
-    if not accepted:
+    if not valid:
         raise ApiError(422, "invalid_events", "no event in the batch is valid", all_errors)
-    await _queue(publisher, accepted, request)
-    return JSONResponse(
-        {"accepted": len(accepted), "rejected": len(items) - len(accepted), "results": results}, status_code=202
-    )
+    statuses = iter(await _queue(publisher, valid))
+    conflicts: list[dict[str, Any]] = []
+    for result in results:
+        if result["status"] == "accepted" and next(statuses) == CONFLICT:
+            error = _conflict_error(["events", result["index"], "event_id"], result["event_id"])
+            result.update(status="rejected", errors=[error])
+            conflicts.append(error)
+    accepted = sum(1 for result in results if result["status"] == "accepted")
+    if not accepted:
+        code, status = ("conflict", 409) if conflicts else ("invalid_events", 422)
+        raise ApiError(status, code, "no event in the batch was queued", all_errors + conflicts)
+    return JSONResponse({"accepted": accepted, "rejected": len(items) - accepted, "results": results}, status_code=202)
 
 
 @router.get(
     "/events/{event_id}",
     response_model=EventLocation,
+    dependencies=[RATE_LIMITED],
     responses={
         **AUTH_ERRORS,
         **_errors(404, "No event with this id is stored (yet)."),
@@ -243,10 +285,6 @@ async def get_event(event_id: UUID, store: StoreDep, resources: ResourcesDep) ->
             "failed_at": record.get("failed_at"), "attempts": record.get("attempts"),
         })  # fmt: skip
     if queued is not None:
-        accepted = dt.datetime.fromtimestamp(float(orjson.loads(queued)["a"]), dt.UTC).isoformat(
-            timespec="milliseconds"
-        )
-        return JSONResponse(
-            {"event_id": str(event_id), "status": "queued", "accepted_at": accepted.replace("+00:00", "Z")}
-        )
+        accepted = dt.datetime.fromtimestamp(parse_mark(queued).accepted_at, dt.UTC)
+        return JSONResponse({"event_id": str(event_id), "status": "queued", "accepted_at": iso_utc_ms(accepted)})
     raise ApiError(404, "not_found", f"no event {event_id} is stored, queued or dead-lettered")

@@ -14,13 +14,13 @@ import orjson
 from fastapi import APIRouter, Path, Query
 from pydantic import AwareDatetime, BaseModel
 
-from api.deps import AUTHORIZED, StoreDep
+from api.deps import AUTHORIZED, RATE_LIMITED, StoreDep
 from api.errors import ApiError, store_read_failed
 from api.responses import JSONResponse
 from api.routes.events import AUTH_ERRORS, StoredEventOut, _errors
 from sluice.cassandra import Store
 
-router = APIRouter(prefix="/v1/listings", tags=["listings"], dependencies=[AUTHORIZED])
+router = APIRouter(prefix="/v1/listings", tags=["listings"], dependencies=[AUTHORIZED, RATE_LIMITED])
 
 #: The widest time range one request may cover: it bounds the day partitions one page may visit.
 MAX_RANGE = dt.timedelta(days=92)

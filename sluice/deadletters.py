@@ -1,0 +1,169 @@
+"""The dead-letter record: events (and undecodable messages) the worker gave up on, kept in Redis with the
+reason, never dropped. Its one owner: the worker writes records here, the API reads them, and the operator's
+command (``python -m worker.deadletters``) lists, replays and purges them here.
+
+A record is the hash field ``keys.DEAD_LETTERS[event_id]`` (or ``unkeyed-<uuid>`` for a raw message) holding
+JSON ``{"event", "reason", "kind", "task_id", "attempts", "failed_at", "accepted_at"}``. Writing records and
+taking their events out of the recovery index happen in one transaction (:func:`add`): if Redis refuses it,
+the caller must not acknowledge the message (the event would be nowhere).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+import orjson
+import redis
+
+from sluice import keys, message
+from sluice.events import event_id_of, fingerprint, queued_form, validate_event
+from sluice.marks import Marks, mark_value
+from sluice.metrics import DEAD_LETTERS
+
+#: Every kind of dead letter (the metric's label values).
+KINDS: Final = (
+    "write_failed",
+    "invalid_event",
+    "conflict",
+    "malformed_task",
+    "undecodable",
+    "unknown_task",
+    "invalid_message",
+    "unknown_format",
+)
+
+# KEYS: dead letters, marks hash, marks index. ARGV: id, fingerprint of the dead-lettered event ('' if none).
+# Deletes the record, and the event's mark only if it is this version's claim (not a newer version's mark).
+_PURGE = """#!lua
+local removed = redis.call('HDEL', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then
+  local mark = redis.call('HGET', KEYS[2], ARGV[1])
+  if mark and string.sub(mark, 1, 16) == ARGV[2] and not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+    redis.call('HDEL', KEYS[2], ARGV[1])
+  end
+end
+return removed
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One thing to dead-letter: the raw event (or message) and why."""
+
+    raw: Any
+    reason: str
+
+
+def add(
+    client: redis.Redis,
+    items: Iterable[Item],
+    *,
+    kind: str,
+    task_id: str | None,
+    attempts: int,
+    accepted_at: float | None = None,
+    release_marks: Sequence[str] = (),
+) -> int:
+    """Record the items and take their events out of the recovery index, in one transaction.
+
+    Dead-lettered events keep their marks (their claim on the id) unless named in ``release_marks`` (a
+    conflict: another version is stored). Raises :class:`redis.RedisError` if Redis refused: then nothing
+    was recorded and the message must go back to the queue."""
+    now = dt.datetime.now(dt.UTC).isoformat()
+    mapping: dict[str, bytes] = {}
+    for item in items:
+        key = event_id_of(item.raw) or f"unkeyed-{uuid.uuid4()}"
+        record = {"event": item.raw, "reason": item.reason, "kind": kind, "task_id": task_id,
+                  "attempts": attempts, "failed_at": now, "accepted_at": accepted_at}  # fmt: skip
+        mapping[key] = orjson.dumps(record, default=str)
+    if not mapping:
+        return 0
+    ids = [key for key in mapping if not key.startswith("unkeyed-")]
+    released = set(release_marks)
+    with client.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.DEAD_LETTERS, mapping=mapping)
+        Marks.done(pipe, [i for i in ids if i in released], [i for i in ids if i not in released])
+        pipe.execute()
+    DEAD_LETTERS.labels(kind).inc(len(mapping))
+    return len(mapping)
+
+
+def entries(client: redis.Redis) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every record, a page at a time (``HSCAN``: never one reply the size of the whole store)."""
+    for key, value in client.hscan_iter(keys.DEAD_LETTERS, count=500):
+        yield key.decode(), orjson.loads(value)
+
+
+def ids(client: redis.Redis) -> list[str]:
+    # (HSCAN's NOVALUES needs Redis 7.4; the values come along and are dropped.)
+    return [key.decode() for key, _ in client.hscan_iter(keys.DEAD_LETTERS, count=500)]
+
+
+def get(client: redis.Redis, entry_id: str) -> dict[str, Any] | None:
+    raw = cast("bytes | None", client.hget(keys.DEAD_LETTERS, entry_id))
+    return None if raw is None else cast("dict[str, Any]", orjson.loads(raw))
+
+
+def _replayable(record: dict[str, Any]) -> dict[str, Any] | str:
+    """The event of a record in its queued form, or why it cannot be replayed."""
+    event = record.get("event")
+    if not isinstance(event, dict) or "message_body" in event or "args" in event:
+        return "a raw message, not an event: inspect it with `show`"
+    outcome = validate_event(event)
+    if isinstance(outcome, list):
+        return "not a valid event: " + "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in outcome)
+    return queued_form(outcome)
+
+
+_REPLAY_REFUSED: Final = {
+    "changed": "the record changed while replaying; replay it again",
+    "conflict": "another version of this event id is queued",
+}
+
+
+def replay(client: redis.Redis, entry_ids: Iterable[str]) -> tuple[list[str], dict[str, str]]:
+    """Queue dead-lettered events again through the normal path; returns (replayed, skipped with why).
+
+    Per record, in one Redis script: the event's mark is written, then its message, then exactly the record
+    that was read is deleted. A record that changed meanwhile (a newer failure of the same id) is left for
+    the next replay, and a record whose id is now claimed by another version is left as a conflict."""
+    marks = Marks(client)
+    replayed: list[str] = []
+    skipped: dict[str, str] = {}
+    for entry_id in entry_ids:
+        raw = cast("bytes | None", client.hget(keys.DEAD_LETTERS, entry_id))
+        if raw is None:
+            skipped[entry_id] = "no such dead letter"
+            continue
+        record = orjson.loads(raw)
+        event = _replayable(record)
+        if isinstance(event, str):
+            skipped[entry_id] = event
+            continue
+        accepted_at = record.get("accepted_at")
+        accepted = float(accepted_at) if isinstance(accepted_at, int | float) else dt.datetime.now(dt.UTC).timestamp()
+        msg = message.build([event], accepted_at=accepted, request_ids=[f"replay:{entry_id}"], origin="replay")
+        outcome = marks.replay(msg, entry_id, raw, mark_value(event, accepted))
+        if outcome == "ok":
+            replayed.append(entry_id)
+        else:
+            skipped[entry_id] = _REPLAY_REFUSED.get(outcome, outcome)
+    return replayed, skipped
+
+
+def purge(client: redis.Redis, entry_ids: Iterable[str]) -> int:
+    """Delete records for good (and release their events' claims on the ids)."""
+    script = client.register_script(_PURGE)
+    removed = 0
+    for entry_id in entry_ids:
+        record = get(client, entry_id)
+        event = _replayable(record) if record is not None else "gone"
+        fp = fingerprint(event) if isinstance(event, dict) else ""
+        removed += int(
+            cast("int", script(keys=(keys.DEAD_LETTERS, keys.QUEUED, keys.QUEUED_INDEX), args=[entry_id, fp]))
+        )
+    return removed
