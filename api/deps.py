@@ -74,6 +74,8 @@ class Resources:
     api_keys: ApiKeys
     limiter: RateLimiter
     monitor: QueueMonitor
+    #: Signs page tokens (api/routes/listings.py).
+    page_token_key: bytes
 
 
 def _state(request: Request) -> Resources:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -71,7 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ]
         app.state.resources = Resources(
             settings=settings, publisher=publisher, cassandra=cassandra, redis=redis,
-            api_keys=api_keys, limiter=limiter, monitor=monitor,
+            api_keys=api_keys, limiter=limiter, monitor=monitor, page_token_key=page_token_key(settings),
         )  # fmt: skip
         log.info("API ready: queue %s on %s", keys.EVENTS_QUEUE, _safe_url(settings.redis_url))
         try:
@@ -139,6 +140,13 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     components["BatchRequest"] = batch_schema
     app.openapi_schema = schema
     return schema
+
+
+def page_token_key(settings: Settings) -> bytes:
+    """The key that signs page tokens: SLUICE_PAGE_TOKEN_SECRET, or one derived from the API keys (which every
+    API process of a deployment shares), so a token made by one process is good at every other."""
+    secret = settings.page_token_secret or settings.api_keys
+    return hashlib.sha256(b"sluice page tokens\0" + secret.get_secret_value().encode()).digest()
 
 
 def _safe_url(url: str) -> str:

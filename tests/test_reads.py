@@ -102,7 +102,6 @@ def test_events_come_in_time_order_across_days_and_pages(
         ({"from": "2026-01-01T00:00:00"}, "from"),  # no offset
         ({"from": at(2, 0), "to": at(1, 0)}, "from"),
         ({"from": at(-100, 0), "to": at(1, 0)}, "from"),  # over 92 days
-        ({"page_token": "not-a-token"}, "page_token"),
     ],
 )
 def test_invalid_parameters_are_422(client_factory: Any, params: dict[str, Any], where: str) -> None:
@@ -121,7 +120,7 @@ def test_a_token_only_works_for_its_own_query(listing: tuple[int, list[dict[str,
             f"/v1/listings/{listing_id}/events",
             params={"from": at(0, 0), "to": at(3, 0), "limit": 2, "type": "view", "page_token": token},
         )
-    assert other.status_code == 422
+    assert other.status_code == 400
     assert other.json()["error"]["code"] == "invalid_page_token"
 
 

@@ -100,6 +100,8 @@ def write_events(self: Task[Any, Any], *args: Any, **kwargs: Any) -> int:
         return _write_events(self, args, kwargs)
     except _MustRequeue as exc:
         log.error("%s; returning the message to the queue", exc)
+        # Redis is refusing writes (full, or failing over): a pause, or this message would loop hot.
+        time.sleep(1.0)
         raise Reject(str(exc), requeue=True) from exc
 
 

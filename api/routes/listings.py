@@ -7,6 +7,7 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+import hmac
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -14,7 +15,7 @@ import orjson
 from fastapi import APIRouter, Path, Query
 from pydantic import AwareDatetime, BaseModel
 
-from api.deps import AUTHORIZED, RATE_LIMITED, StoreDep
+from api.deps import AUTHORIZED, RATE_LIMITED, ResourcesDep, StoreDep
 from api.errors import ApiError, store_read_failed
 from api.responses import JSONResponse
 from api.routes.events import AUTH_ERRORS, StoredEventOut, _errors
@@ -28,6 +29,11 @@ DEFAULT_RANGE = dt.timedelta(days=7)
 #: Sorts before every real (version 1..5) UUID, so (t, ZERO) is the first position at instant t.
 ZERO = UUID(int=0)
 ListingId = Annotated[int, Path(gt=0, le=2**63 - 1)]
+#: Rows one page request may read from Cassandra: with a type filter, rows of the other type are read and
+#: skipped, and without a bound a rare type over 92 days would read every row of the listing in one request.
+SCAN_BUDGET = 2000
+#: Where a page starts: the day partition, the (occurred_at, event_id) position, and whether it is included.
+_Cursor = tuple[dt.date, tuple[dt.datetime, UUID], bool]
 
 
 READ_ERRORS = {**AUTH_ERRORS, **_errors(422, "Invalid parameters."), **_errors(503, "Cassandra is unreachable.")}
@@ -68,29 +74,54 @@ def _query_hash(listing_id: int, kind: str | None, start: dt.datetime, end: dt.d
     return hashlib.sha256(f"{listing_id}|{kind}|{start.isoformat()}|{end.isoformat()}".encode()).hexdigest()[:16]
 
 
-def _encode_token(query: str, day: dt.date, position: tuple[dt.datetime, UUID]) -> str:
-    ms = int(position[0].replace(tzinfo=dt.UTC).timestamp() * 1000)
-    raw = orjson.dumps({"q": query, "d": day.isoformat(), "t": ms, "e": str(position[1])})
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+def _encode_token(key: bytes, query: str, cursor: _Cursor) -> str:
+    day, (at, event_id), inclusive = cursor
+    ms = int(at.replace(tzinfo=dt.UTC).timestamp() * 1000)
+    payload = orjson.dumps({"q": query, "d": day.isoformat(), "t": ms, "e": str(event_id), "i": inclusive})
+    return f"{_b64(payload)}.{_b64(_sign(key, payload))}"
+
+
+def _sign(key: bytes, payload: bytes) -> bytes:
+    return hmac.new(key, payload, hashlib.sha256).digest()[:16]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def _bad_token(why: str) -> ApiError:
-    return ApiError(422, "invalid_page_token", f"page_token is not valid here: {why}",
+    return ApiError(400, "invalid_page_token", f"page_token is not valid here: {why}",
                     [{"loc": ["query", "page_token"], "msg": why, "type": "value_error"}])  # fmt: skip
 
 
-def _decode_token(token: str, query: str) -> tuple[dt.date, tuple[dt.datetime, UUID]]:
+def _decode_token(key: bytes, token: str, query: str, start: dt.datetime, end: dt.datetime) -> _Cursor:
+    """The cursor a token holds: only one this API signed, for this very query, inside its range."""
     try:
-        data = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        payload_text, signature_text = token.split(".")
+        payload = _unb64(payload_text)
+        signed = hmac.compare_digest(_sign(key, payload), _unb64(signature_text))
+    except (binascii.Error, ValueError):
+        raise _bad_token("it was not made by this API") from None
+    if not signed:
+        raise _bad_token("it was not made by this API")
+    try:
+        data = orjson.loads(payload)
         day = dt.date.fromisoformat(data["d"])
         at = dt.datetime.fromtimestamp(int(data["t"]) / 1000, dt.UTC)
-        event_id = UUID(data["e"])
+        cursor = (day, (at, UUID(data["e"])), bool(data["i"]))
         same_query = data["q"] == query
-    except (binascii.Error, orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
         raise _bad_token("it was not made by this API") from None
     if not same_query:
         raise _bad_token("it belongs to a query with other parameters")
-    return day, (at, event_id)
+    # Signed tokens are ours, but a cursor outside the query's range would send the scan elsewhere.
+    if not (start.date() <= day <= end.date() and start - dt.timedelta(days=1) <= at <= end):
+        raise _bad_token("it points outside the query's range")
+    return cursor
 
 
 @router.get(
@@ -102,6 +133,7 @@ def _decode_token(token: str, query: str) -> tuple[dt.date, tuple[dt.datetime, U
 async def listing_events(
     listing_id: ListingId,
     store: StoreDep,
+    resources: ResourcesDep,
     type: Annotated[Literal["view", "booking"] | None, Query(description="Only events of this type")] = None,
     from_: Annotated[AwareDatetime | None, Query(alias="from", description="Inclusive; default: 'to' - 7 days")] = None,
     to: Annotated[AwareDatetime | None, Query(description="Exclusive; default: now")] = None,
@@ -110,30 +142,31 @@ async def listing_events(
 ) -> JSONResponse:
     start, end = _range(from_, to)
     query = _query_hash(listing_id, type, start, end)
-    day, position = (start.date(), (start, ZERO))
-    inclusive = True
-    if page_token:
-        day, position = _decode_token(page_token, query)
-        inclusive = False
+    key = resources.page_token_key
+    day, position, inclusive = _decode_token(key, page_token, query, start, end) if page_token else (
+        start.date(), (start, ZERO), True)  # fmt: skip
     out: list[dict[str, Any]] = []
-    positions: list[tuple[dt.date, tuple[dt.datetime, UUID]]] = []
+    positions: list[_Cursor] = []
     # One row more than asked for tells whether there is a next page (so the last page has no token).
     wanted = limit + 1
     # Over-fetch when filtering by type: rows of the other type are skipped in the app.
     fetch = wanted if type is None else min(1001, wanted * 4)
+    scanned = 0
     try:
-        while day <= end.date() and len(out) < wanted:
+        while day <= end.date() and len(out) < wanted and scanned < SCAN_BUDGET:
             day_end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
             upper = (min(end, day_end), ZERO)
-            rows = await store.listing_day(listing_id, day, position, upper, fetch, inclusive=inclusive)
+            asked = min(fetch, SCAN_BUDGET - scanned)
+            rows = await store.listing_day(listing_id, day, position, upper, asked, inclusive=inclusive)
+            scanned += len(rows)
             for row in rows:
                 position, inclusive = (row.occurred_at, row.event_id), False
                 if type is None or row.type == type:
                     out.append(row.as_json())
-                    positions.append((day, position))
+                    positions.append((day, position, False))
                     if len(out) == wanted:
                         break
-            if len(rows) < fetch and len(out) < wanted:
+            if len(rows) < asked and len(out) < wanted:
                 # This day is exhausted: the next one starts at midnight, inclusive.
                 day = day + dt.timedelta(days=1)
                 position, inclusive = (dt.datetime.combine(day, dt.time(), dt.UTC), ZERO), True
@@ -141,7 +174,13 @@ async def listing_events(
         raise
     except Exception as exc:  # noqa: BLE001 - a failed read is the store's fault, not the caller's
         raise store_read_failed(exc) from None
-    token = _encode_token(query, *positions[limit - 1]) if len(out) > limit else None
+    if len(out) > limit:
+        token: str | None = _encode_token(key, query, positions[limit - 1])
+    elif len(out) < wanted and day <= end.date():
+        # The scan budget ran out first (a type filter skipping many rows): a short page, and where to go on.
+        token = _encode_token(key, query, (day, position, inclusive))
+    else:
+        token = None
     return JSONResponse({"events": out[:limit], "next_page_token": token})
 
 
