@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 from typing import Any
 
 import pytest
 
+from api.publisher import BatchingPublisher, Overloaded
 from sluice.events import BookingEvent, ViewEvent, validate_event
+from sluice.queue import make_celery
+from sluice.settings import Settings
 from tests.support import booking, view
 
 
@@ -87,3 +92,34 @@ def test_paths_are_prefixed_for_batches() -> None:
     outcome = validate_event(view(user_id="7"), ("events", 3))
     assert isinstance(outcome, list)
     assert outcome[0].loc == ["events", 3, "user_id"]
+
+
+def test_the_broker_connection_over_tls_verifies_the_certificate() -> None:
+    app = make_celery(Settings(redis_url="rediss://cache.example:6379/0"))
+    assert app.conf.broker_use_ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    assert not make_celery(Settings(redis_url="redis://127.0.0.1:6379/0")).conf.broker_use_ssl
+
+
+def test_the_publisher_holds_a_bounded_number_of_events() -> None:
+    """Past SLUICE_MAX_PENDING_EVENTS waiting for Redis, requests are refused at once, not queued in memory."""
+
+    async def run() -> None:
+        release = asyncio.Event()
+
+        async def slow_redis(message: object, marks: object) -> list[str]:
+            await release.wait()  # Redis answers only when the test says so
+            return []
+
+        publisher = BatchingPublisher(slow_redis, max_events=10, linger_s=0, deadline_s=5, max_pending_events=15)
+        publisher.start()
+        first = asyncio.create_task(publisher.submit([{"event_id": "a"}] * 10, ["f"] * 10, "r1"))
+        await asyncio.sleep(0.05)  # taken by the publisher, now waiting for Redis
+        second = asyncio.create_task(publisher.submit([{"event_id": "b"}] * 10, ["f"] * 10, "r2"))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):
+            await publisher.submit([{"event_id": "c"}] * 6, ["f"] * 6, "r3")
+        release.set()
+        await asyncio.gather(first, second)
+        await publisher.close()
+
+    asyncio.run(run())

@@ -3,12 +3,14 @@ when messages are redelivered, and where one event is (queued, stored, dead-lett
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import random
 import time
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import redis
 from cassandra.cluster import Session
@@ -195,3 +197,50 @@ def test_the_api_marks_queued_events_and_the_worker_clears_them(
         wait_until(lambda: client.get(f"/v1/events/{event['event_id']}").json().get("status") == "stored", 10, "stored")
     wait_until(lambda: not redis_client.hexists(keys.QUEUED, event["event_id"]), 5, "the mark to go")
     assert redis_client.zscore(keys.QUEUED_INDEX, event["event_id"]) is None
+
+
+def test_a_forged_page_token_is_400_at_once(listing: tuple[int, list[dict[str, Any]]], client_factory: Any) -> None:
+    listing_id, _ = listing
+    params = {"from": at(0, 0), "to": at(3, 0), "limit": 2}
+    with client_factory() as client:
+        token = client.get(f"/v1/listings/{listing_id}/events", params=params).json()["next_page_token"]
+        payload, signature = token.split(".")
+        data = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        # The day moved to the year 1000: unsigned, this made one request scan Cassandra day by day for minutes.
+        forged = base64.urlsafe_b64encode(orjson.dumps(data | {"d": "1000-01-01"})).decode().rstrip("=")
+        for bad in (f"{forged}.{signature}", forged, "not-a-token", f"{payload}.{signature[:-2]}AA"):
+            began = time.monotonic()
+            answer = client.get(f"/v1/listings/{listing_id}/events", params=params | {"page_token": bad})
+            assert time.monotonic() - began < 1.0
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["error"]["code"] == "invalid_page_token"
+            assert answer.json()["error"]["details"][0]["loc"] == ["query", "page_token"]
+
+
+def test_a_type_filter_reads_a_bounded_number_of_rows_per_page(client_factory: Any, cassandra: Session) -> None:
+    """2,500 views and one booking in a day: asking for bookings reads at most the scan budget per request,
+    answering a short page with a token to go on, until the booking is found."""
+    listing_id = random.randint(10**9, 10**12)
+    views = [view(listing_id=listing_id, occurred_at=at(1, 1, i % 60)) for i in range(2500)]
+    rare = booking(listing_id=listing_id, occurred_at=at(1, 23))
+    with client_factory() as client:
+        for start in range(0, len(views), 1000):
+            assert client.post("/v1/events/batch", json={"events": views[start : start + 1000]}).status_code == 202
+        assert client.post("/v1/events", json=rare).status_code == 202
+        wait_until(lambda: client.get(f"/v1/events/{rare['event_id']}").json().get("status") == "stored", 20, "rare")
+        wait_until(lambda: client.get(f"/v1/listings/{listing_id}/stats",
+                                      params={"from": at(1, 0)[:10], "to": at(1, 0)[:10]}).json()["views"] == 2500,
+                   30, "the views")  # fmt: skip
+        params: dict[str, Any] = {"from": at(0, 0), "to": at(3, 0), "type": "booking", "limit": 10}
+        pages = []
+        token = None
+        for _ in range(10):
+            body = client.get(f"/v1/listings/{listing_id}/events", params=params | ({"page_token": token} if token
+                                                                                     else {})).json()  # fmt: skip
+            pages.append([e["event_id"] for e in body["events"]])
+            token = body["next_page_token"]
+            if token is None:
+                break
+    assert pages[0] == [], "2,000 rows read, no booking among them: a short page with a token"
+    assert [eid for page in pages for eid in page] == [rare["event_id"]]
+    assert token is None
