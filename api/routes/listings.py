@@ -37,6 +37,7 @@ _Cursor = tuple[dt.date, tuple[dt.datetime, UUID], bool]
 
 
 READ_ERRORS = {**AUTH_ERRORS, **_errors(422, "Invalid parameters."), **_errors(503, "Cassandra is unreachable.")}
+PAGE_ERRORS = {**READ_ERRORS, **_errors(400, "The page token was not made by this API for this query.")}
 
 
 class EventsPage(BaseModel):
@@ -127,7 +128,7 @@ def _decode_token(key: bytes, token: str, query: str, start: dt.datetime, end: d
 @router.get(
     "/{listing_id}/events",
     response_model=EventsPage,
-    responses=READ_ERRORS,
+    responses=PAGE_ERRORS,
     summary="A listing's events in time order, paged",
 )
 async def listing_events(
