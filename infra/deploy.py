@@ -422,6 +422,8 @@ async def ensure_service_linked_roles(iam: IamClient, echo: Echo, *, dry_run: bo
             # Created meanwhile (by a first use of the service, or another deploy): just as good.
             if "has been taken" not in _error_message(error):
                 raise
+            echo(f"service-linked role {role}: already there")
+            continue
         echo(f"service-linked role {role}: created for {service}")
         created.append(role)
     return created
