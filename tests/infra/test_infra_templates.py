@@ -205,3 +205,25 @@ def test_every_template(templates: dict[str, Any]) -> None:
                 actions = node["Action"] if isinstance(node["Action"], list) else [node["Action"]]
                 assert "*" not in actions, (name, node)
                 assert not any(a.endswith(":*") for a in actions if a != "kms:*"), (name, node)
+
+
+def test_alarms_watch_every_node_and_the_capacity_limits(templates: dict[str, Any]) -> None:
+    data, services = templates["data"]["Resources"], templates["services"]["Resources"]
+    for name in ("RedisMemoryAlarm", "RedisEngineCpuAlarm"):
+        text = json.dumps(data[name]["Properties"]["Metrics"])
+        # Every node (the primary moves on failover), not the first one only.
+        assert "${Redis}-001" in text
+        assert "${Redis}-002" in text
+        assert "${Redis}-003" in text
+        assert "MAX([node1, node2" in text
+    assert data["CassandraDiskAlarm"]["Properties"]["MetricName"] == "DataVolumeUsedPercent"
+    assert "FILL(node1, 0)" in json.dumps(data["CassandraNodesAlarm"]["Properties"]["Metrics"])
+    tasks = json.dumps(services["TasksNotRunningAlarm"]["Properties"]["Metrics"])
+    assert "DesiredTaskCount" in tasks
+    assert "RunningTaskCount" in tasks
+    group = json.dumps(services["AppGroupAtMaximumAlarm"]["Properties"]["Metrics"])
+    assert "GroupMaxSize" in group
+    assert "GroupInServiceInstances" in group
+    alarms = services["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"][0]
+    for name in ("TasksNotRunningAlarm", "AppGroupAtMaximumAlarm"):
+        assert f"${{{name}.Arn}}" in alarms
