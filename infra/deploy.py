@@ -2,16 +2,23 @@
 
 In order, waiting for each step and stopping at the first failure:
 
+0. the service-linked roles of ECS, Auto Scaling, Application Auto Scaling (ECS) and ElastiCache, when
+   the account has none yet (a new account creates them on first use, which is after CloudFormation
+   needed them: the ECS cluster and capacity providers fail without AWSServiceRoleForECS);
 1. stack ``<env>-foundation`` (KMS key, ECR repository);
 2. the image: built from ./Dockerfile (target ``runtime``) with the Docker engine and pushed to the
    repository under an immutable tag (the git commit), unless that tag is already there or ``--image``
    names an image to deploy as is (a rollback, or an image built by CI);
-3. stacks ``<env>-network``, ``<env>-cluster``, ``<env>-data``;
+3. stacks ``<env>-network``, ``<env>-cluster``, ``<env>-data``. The data stack's Cassandra helper image
+   stays the one the ring runs (so a release never restarts the Cassandra nodes) unless
+   ``--roll-cassandra-helper``; a new helper image is tagged ``cassandra-helper-<tag>``, which ECR keeps;
 4. the schema step: one ECS task ``python -m sluice.schema``, never two at once, must exit 0;
 5. stack ``<env>-services`` (API, workers, scaling, alarms, dashboard).
 
 Each stack is created, or updated when it exists (a stack left in ROLLBACK_COMPLETE by a failed first
-create is deleted and created again). Outputs of a stack feed the parameters of the next ones.
+create is deleted and created again). The load balancer's deletion protection is off when the services
+stack is created (so a failed first create rolls back cleanly) and on for every update.
+Outputs of a stack feed the parameters of the next ones.
 ``--dry-run`` changes nothing: it reads what exists, validates the templates and prints the plan.
 """
 
@@ -45,6 +52,17 @@ from docker.errors import APIError, BuildError, DockerException  # type: ignore[
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "infra"
 STACK_ORDER = ("foundation", "network", "cluster", "data", "services")
+#: Values the tool computes itself, fed to the stacks like outputs: the image, the Cassandra helper image,
+#: and facts of the deployment (does the services stack exist yet).
+PSEUDO_STACKS = ("image", "helper", "deploy")
+#: Role name -> AWS service of every service-linked role the stacks need before they are created.
+SERVICE_LINKED_ROLES = {
+    "AWSServiceRoleForECS": "ecs.amazonaws.com",
+    "AWSServiceRoleForAutoScaling": "autoscaling.amazonaws.com",
+    "AWSServiceRoleForApplicationAutoScaling_ECSService": "ecs.application-autoscaling.amazonaws.com",
+    "AWSServiceRoleForElastiCache": "elasticache.amazonaws.com",
+}
+HELPER_TAG_PREFIX = "cassandra-helper-"
 #: CloudFormation's limit for a template passed inline (larger ones must go through S3).
 TEMPLATE_BODY_LIMIT = 51_200
 DOCKER_API_VERSION = "1.41"
@@ -69,6 +87,13 @@ class CloudFormationClient(Protocol):
 class EcrClient(Protocol):
     def describe_images(self, **kwargs: Any) -> Awaitable[dict[str, Any]]: ...
     def get_authorization_token(self, **kwargs: Any) -> Awaitable[dict[str, Any]]: ...
+    def batch_get_image(self, **kwargs: Any) -> Awaitable[dict[str, Any]]: ...
+    def put_image(self, **kwargs: Any) -> Awaitable[dict[str, Any]]: ...
+
+
+class IamClient(Protocol):
+    def get_role(self, **kwargs: Any) -> Awaitable[dict[str, Any]]: ...
+    def create_service_linked_role(self, **kwargs: Any) -> Awaitable[dict[str, Any]]: ...
 
 
 class EcsClient(Protocol):
@@ -116,12 +141,14 @@ class DeployConfig:
     nat_gateways: str = "one-per-zone"
     cassandra_mode: str = "self-managed"
     external_cassandra_endpoint: str = ""
-    external_cassandra_port: int = 9142
+    external_cassandra_port: int = 9042
     external_cassandra_credentials_secret_arn: str = ""
     image: str | None = None
     image_tag: str | None = None
     stacks: tuple[str, ...] = STACK_ORDER
     run_schema: bool = True
+    #: Give the Cassandra ring this release's image as its helper (restarts the nodes one by one).
+    roll_cassandra_helper: bool = False
     dry_run: bool = False
     #: --dry-run asks CloudFormation to validate each template (ValidateTemplate, read-only).
     validate_templates: bool = True
@@ -155,6 +182,7 @@ def stack_parameters(config: DeployConfig, key: str) -> dict[str, ParameterValue
             "VpcId": Output("network", "VpcId"),
             "VpcCidr": Output("network", "VpcCidr"),
             "PrivateSubnetIds": Output("network", "PrivateSubnetIds"),
+            "PrivateSubnetZones": Output("network", "PrivateSubnetZones"),
             "CassandraMode": config.cassandra_mode,
         }
     elif key == "data":
@@ -168,8 +196,9 @@ def stack_parameters(config: DeployConfig, key: str) -> dict[str, ParameterValue
             "ImageUri": image,
             "AlarmEmail": config.alarm_email,
             "CassandraMode": config.cassandra_mode,
-            "CassandraCapacityProvider": "" if external else Output("cluster", "CassandraCapacityProvider"),
-            "CassandraAutoScalingGroupName": ("" if external else Output("cluster", "CassandraAutoScalingGroupName")),
+            "CassandraHelperImage": "" if external else Output("helper", "ImageUri"),
+            "CassandraCapacityProviders": "" if external else Output("cluster", "CassandraCapacityProviders"),
+            "CassandraAutoScalingGroupNames": "" if external else Output("cluster", "CassandraAutoScalingGroupNames"),
             "ExternalCassandraEndpoint": config.external_cassandra_endpoint,
             "ExternalCassandraPort": str(config.external_cassandra_port),
             "ExternalCassandraCredentialsSecretArn": config.external_cassandra_credentials_secret_arn,
@@ -182,7 +211,9 @@ def stack_parameters(config: DeployConfig, key: str) -> dict[str, ParameterValue
             "PublicSubnetIds": Output("network", "PublicSubnetIds"),
             "ClusterName": Output("cluster", "ClusterName"),
             "AppCapacityProvider": Output("cluster", "AppCapacityProvider"),
+            "AppAutoScalingGroupName": Output("cluster", "AppAutoScalingGroupName"),
             "AppSecurityGroupId": Output("cluster", "AppSecurityGroupId"),
+            "AlbDeletionProtection": Output("deploy", "AlbDeletionProtection"),
             "ImageUri": image,
             "CertificateArn": config.certificate_arn or Missing("--certificate-arn"),
             "ApiKeysSecretArn": config.api_keys_secret_arn or Missing("--api-keys-secret-arn"),
@@ -303,6 +334,11 @@ async def deploy_stack(
     status = str(existing.get("StackStatus", "")) if existing else ""
     if status.endswith("_IN_PROGRESS"):
         raise DeployError(f"stack {name} is busy ({status}); wait for it and run the deploy again")
+    if status in {"ROLLBACK_FAILED", "DELETE_FAILED"}:
+        raise DeployError(
+            f"stack {name} is {status}: see its events, delete what blocks it (e.g. a load balancer with "
+            "deletion protection), then `aws cloudformation delete-stack` and deploy again"
+        )
     if status == "ROLLBACK_COMPLETE":
         echo(f"stack {name}: ROLLBACK_COMPLETE after a failed first create; deleting it to create it again")
         await cfn.delete_stack(StackName=name)
@@ -365,6 +401,49 @@ async def registry_credentials(ecr: EcrClient) -> tuple[str, str]:
     data = (await ecr.get_authorization_token())["authorizationData"][0]
     username, _, password = base64.b64decode(data["authorizationToken"]).decode().partition(":")
     return username, password
+
+
+async def ensure_service_linked_roles(iam: IamClient, echo: Echo, *, dry_run: bool = False) -> list[str]:
+    """Create the service-linked roles the stacks need and the account lacks; returns the roles created."""
+    created: list[str] = []
+    for role, service in SERVICE_LINKED_ROLES.items():
+        try:
+            await iam.get_role(RoleName=role)
+            continue
+        except ClientError as error:
+            if _error_code(error) != "NoSuchEntity":
+                raise
+        if dry_run:
+            echo(f"service-linked role {role}: would create it for {service}")
+            continue
+        try:
+            await iam.create_service_linked_role(AWSServiceName=service)
+        except ClientError as error:
+            # Created meanwhile (by a first use of the service, or another deploy): just as good.
+            if "has been taken" not in _error_message(error):
+                raise
+            echo(f"service-linked role {role}: already there")
+            continue
+        echo(f"service-linked role {role}: created for {service}")
+        created.append(role)
+    return created
+
+
+async def tag_helper_image(ecr: EcrClient, repository: str, tag: str) -> str:
+    """Tag image ``tag`` also as ``cassandra-helper-<tag>`` (ECR's lifecycle keeps those); returns the new tag."""
+    helper_tag = tag if tag.startswith(HELPER_TAG_PREFIX) else f"{HELPER_TAG_PREFIX}{tag}"
+    if helper_tag == tag:
+        return tag
+    found = await ecr.batch_get_image(repositoryName=repository, imageIds=[{"imageTag": tag}])
+    images = found.get("images") or []
+    if not images:
+        raise DeployError(f"image {repository}:{tag} is not in the repository; cannot make it the Cassandra helper")
+    try:
+        await ecr.put_image(repositoryName=repository, imageManifest=images[0]["imageManifest"], imageTag=helper_tag)
+    except ClientError as error:
+        if _error_code(error) != "ImageAlreadyExistsException":
+            raise
+    return helper_tag
 
 
 def build_and_push(context: Path, repository_uri: str, tag: str, username: str, password: str, echo: Echo) -> None:
@@ -481,6 +560,7 @@ class Clients:
     cloudformation: CloudFormationClient
     ecr: EcrClient
     ecs: EcsClient
+    iam: IamClient | None = None
 
 
 BuildAndPush = Callable[[Path, str, str, str, str, Echo], None]
@@ -509,14 +589,21 @@ async def deploy(
             if stack is not None:
                 outputs[key] = stack_outputs(stack)
 
+    if clients.iam is not None and any(k in config.stacks for k in ("cluster", "data", "services")):
+        await ensure_service_linked_roles(clients.iam, echo)
     for key in STACK_ORDER:
         if key == "network":
             await ensure_image(config, clients, outputs, echo, build)
         if key == "services" and config.run_schema and "data" in config.stacks:
             await run_schema_step(config, clients, outputs, echo)
         for needed in {v.stack for v in stack_parameters(config, key).values() if isinstance(v, Output)}:
-            if needed != "image":
+            if needed not in PSEUDO_STACKS:
                 await outputs_of(needed)
+        if key == "data" and key in config.stacks and config.cassandra_mode == "self-managed":
+            outputs["helper"] = {"ImageUri": await helper_image(config, clients, outputs, echo)}
+        if key == "services" and key in config.stacks:
+            exists = await describe_stack(cfn, config.stack_name(key)) is not None
+            outputs["deploy"] = {"AlbDeletionProtection": "true" if exists else "false"}
         if key not in config.stacks:
             continue
         parameters = resolve(stack_parameters(config, key), outputs, strict=True)
@@ -558,6 +645,25 @@ async def ensure_image(
     outputs["image"] = {"ImageUri": f"{repository_uri}:{tag}"}
 
 
+async def helper_image(
+    config: DeployConfig, clients: Clients, outputs: Mapping[str, Mapping[str, str]], echo: Echo
+) -> str:
+    """The Cassandra helper image: the ring's current one, unless there is none yet or a roll is asked for."""
+    stack = await describe_stack(clients.cloudformation, config.stack_name("data"))
+    current = stack_outputs(stack).get("CassandraHelperImage", "") if stack else ""
+    if current and not config.roll_cassandra_helper:
+        echo(f"cassandra helper: keeping {current} (the ring is not restarted; --roll-cassandra-helper to change)")
+        return current
+    image = outputs["image"]["ImageUri"]
+    repository_uri = outputs.get("foundation", {}).get("RepositoryUri", "")
+    if repository_uri and image.startswith(f"{repository_uri}:"):
+        repository = outputs["foundation"].get("RepositoryName") or repository_uri.rsplit("/", 1)[-1]
+        tag = await tag_helper_image(clients.ecr, repository, image.rsplit(":", 1)[1])
+        image = f"{repository_uri}:{tag}"
+    echo(f"cassandra helper: {image} ({'rolling the ring, one node at a time' if current else 'first deploy'})")
+    return image
+
+
 async def run_schema_step(
     config: DeployConfig, clients: Clients, outputs: Mapping[str, Mapping[str, str]], echo: Echo
 ) -> None:
@@ -587,6 +693,11 @@ async def plan(config: DeployConfig, clients: Clients | None, echo: Echo = print
         echo(f"[dry-run] {line}")
 
     say(f"environment {config.environment}, region {config.region or '(from the AWS configuration)'}")
+    if clients is not None and clients.iam is not None:
+        try:
+            await ensure_service_linked_roles(clients.iam, say, dry_run=True)
+        except (ClientError, BotoCoreError) as error:
+            say(f"(service-linked roles not checked: {type(error).__name__}: {error})")
     outputs: dict[str, dict[str, str]] = {}
     aws = clients
     for key in STACK_ORDER:
@@ -618,6 +729,15 @@ async def plan(config: DeployConfig, clients: Clients | None, echo: Echo = print
                 aws = None
         if existing is not None:
             outputs[key] = stack_outputs(existing)
+        if key == "services":
+            outputs["deploy"] = {"AlbDeletionProtection": "true" if existing else "false"}
+        if key == "data" and config.cassandra_mode == "self-managed":
+            current = outputs.get("data", {}).get("CassandraHelperImage", "")
+            if current and not config.roll_cassandra_helper:
+                outputs["helper"] = {"ImageUri": current}
+            else:
+                image = outputs.get("image", {}).get("ImageUri", "<image>")
+                outputs["helper"] = {"ImageUri": f"{image} (tagged {HELPER_TAG_PREFIX}*)"}
         if key not in config.stacks:
             continue
         action = f"update (now {existing['StackStatus']})" if existing else "create"
@@ -655,10 +775,11 @@ def parse_args(argv: Sequence[str]) -> DeployConfig:
     parser.add_argument("--api-keys-secret-arn", help="Secrets Manager secret holding SLUICE_API_KEYS")
     parser.add_argument("--alarm-email", default="", help="address subscribed to the alarms")
     parser.add_argument("--nat-gateways", choices=["one-per-zone", "single"], default="one-per-zone")
-    external = parser.add_mutually_exclusive_group()
-    external.add_argument("--keyspaces", action="store_true", help="use Amazon Keyspaces instead of a Cassandra ring")
-    external.add_argument("--external-cassandra-endpoint", default="", help="use this Cassandra endpoint instead")
-    parser.add_argument("--external-cassandra-port", type=int, default=9142)
+    parser.add_argument("--keyspaces", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--external-cassandra-endpoint", default="", help="use this Cassandra endpoint (plain CQL, in the VPC) instead"
+    )
+    parser.add_argument("--external-cassandra-port", type=int, default=9042)
     parser.add_argument(
         "--external-cassandra-credentials-secret-arn",
         default="",
@@ -673,6 +794,11 @@ def parse_args(argv: Sequence[str]) -> DeployConfig:
         help=f"comma-separated subset of {','.join(STACK_ORDER)} (default: all)",
     )
     parser.add_argument("--skip-schema", action="store_true", help="do not run the schema step")
+    parser.add_argument(
+        "--roll-cassandra-helper",
+        action="store_true",
+        help="give the Cassandra ring this release's image as its discovery helper (restarts every node, one by one)",
+    )
     parser.add_argument(
         "--param",
         action="append",
@@ -694,10 +820,12 @@ def parse_args(argv: Sequence[str]) -> DeployConfig:
         parser.error(f"--stacks: unknown {', '.join(sorted(set(stacks) - set(STACK_ORDER)))}")
     endpoint = args.external_cassandra_endpoint
     if args.keyspaces:
-        region = args.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if not region:
-            parser.error("--keyspaces needs --region (the Keyspaces endpoint is per region)")
-        endpoint = f"cassandra.{region}.amazonaws.com"
+        # Keyspaces accepts only TLS (port 9142) and protocol v4; the application's Cassandra connection has
+        # no TLS setting, so the path would deploy and then fail at the first query.
+        parser.error(
+            "--keyspaces is not supported: Amazon Keyspaces needs TLS, which Sluice's Cassandra connection "
+            "does not offer yet (docs/deploy.md, Limits)"
+        )
     return DeployConfig(
         environment=args.environment,
         region=args.region,
@@ -713,6 +841,7 @@ def parse_args(argv: Sequence[str]) -> DeployConfig:
         image_tag=args.tag,
         stacks=tuple(k for k in STACK_ORDER if k in stacks),
         run_schema=not args.skip_schema,
+        roll_cassandra_helper=args.roll_cassandra_helper,
         dry_run=args.dry_run,
         validate_templates=not args.no_validate,
         overrides=overrides,
@@ -733,6 +862,7 @@ async def async_main(argv: Sequence[str], echo: Echo = print) -> int:
                 ),
                 ecr=await stack.enter_async_context(session.create_client("ecr", **client_options)),
                 ecs=await stack.enter_async_context(session.create_client("ecs", **client_options)),
+                iam=await stack.enter_async_context(session.create_client("iam", **client_options)),
             )
             if config.dry_run:
                 await plan(config, clients, echo)

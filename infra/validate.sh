@@ -3,7 +3,10 @@
 #   hadolint          Dockerfile
 #   check-jsonschema  compose.yaml against the Compose specification (schema vendored in check-jsonschema)
 #   cfn-lint          infra/*.yaml (errors and warnings both fail)
-#   checkov           infra/*.yaml (cloudformation) and Dockerfile (dockerfile); skips carry their reason inline
+#   checkov           infra/*.yaml (cloudformation) and Dockerfile (dockerfile); skips carry their reason inline.
+#                     The templates also go through our own policies, infra/rules/ (CKV_SLUICE_*, checkov custom
+#                     checks: persistent Cassandra data, one node per zone, /healthz, circuit breakers, no binpack
+#                     with zone rebalancing, IMDSv2, encryption, deletion protection, public routes, health checks)
 # Nothing here needs the network: checkov is kept from the Bridgecrew platform (--skip-download,
 # BC_SKIP_MAPPING) and every step runs under a timeout, so a blocked connection cannot hang the build.
 set -euo pipefail
@@ -30,7 +33,7 @@ step "cfn-lint: ${templates[*]}" cfn-lint --non-zero-exit-code informational -- 
 checkov_args=(--skip-download --compact --quiet --output cli)
 template_files=()
 for template in "${templates[@]}"; do template_files+=(--file "$template"); done
-step "checkov: CloudFormation templates" \
-    checkov "${checkov_args[@]}" --framework cloudformation "${template_files[@]}"
+step "checkov: CloudFormation templates (built-in checks and infra/rules/)" \
+    checkov "${checkov_args[@]}" --framework cloudformation --external-checks-dir infra/rules "${template_files[@]}"
 step "checkov: Dockerfile" checkov "${checkov_args[@]}" --framework dockerfile --file Dockerfile
 echo "==> all infrastructure checks passed"

@@ -13,8 +13,14 @@ are one consistent snapshot):
   kombu's JSON envelope keeps the message's unique ``delivery_tag``), so a 1 MB batch is never copied.
 * ``EventsWrittenTotal``: the counter :data:`sluice.keys.WRITTEN_TOTAL`; ``RATE()`` of it is the drain rate.
 
-Every metric has the dimension ``Environment``. Several publishers (one per instance) put the same values,
-so alarms and scaling read the ``Maximum`` statistic. Configuration, all optional except the Redis URL:
+Every metric has the dimension ``Environment``. Several publishers put the same values, so alarms and
+scaling read the ``Maximum`` statistic (and a rate of ``EventsWrittenTotal``, never its ``Sum``).
+
+``python -m worker.cloudwatch --disk PATH`` publishes instead ``DataVolumeUsedPercent``: how full the file
+system holding PATH is (a Cassandra node's data volume; a sidecar of each Cassandra task). Every node puts
+it under the same dimensions, so the ``Maximum`` is the fullest volume.
+
+Configuration, all optional except the Redis URL:
 
 =================================  =====================================================  ===========
 ``SLUICE_REDIS_URL``               the broker (read through :func:`sluice.settings.get_settings`)
@@ -30,16 +36,20 @@ SIGINT stops the loop after the publication in progress; the process then exits 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import hashlib
 import logging
 import math
+import shutil
 import signal
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiobotocore.session  # type: ignore[import-untyped]  # aiobotocore ships no type information
@@ -50,6 +60,15 @@ from sluice.logs import setup_logging
 from sluice.settings import Settings, get_settings
 
 log = logging.getLogger("sluice.cloudwatch")
+
+#: Every metric this module puts (a test checks that dashboards and alarms name no other in our namespace).
+PUBLISHED_METRICS = (
+    "QueueDepth",
+    "DeadLetters",
+    "OldestMessageAgeSeconds",
+    "EventsWrittenTotal",
+    "DataVolumeUsedPercent",
+)
 
 #: One consistent snapshot: queue length, dead letters, written counter, and the head's length and tail.
 _SNAPSHOT_LUA = """
@@ -249,6 +268,39 @@ class QueueMetricsPublisher:
         return published
 
 
+def disk_metric_data(path: Path, config: PublisherConfig, timestamp: datetime) -> list[dict[str, Any]]:
+    """The ``MetricData`` of one disk publication: how full the file system holding ``path`` is."""
+    usage = shutil.disk_usage(path)
+    percent = 100.0 * usage.used / usage.total if usage.total else 0.0
+    return [
+        {
+            "MetricName": "DataVolumeUsedPercent",
+            "Dimensions": [{"Name": "Environment", "Value": config.environment}],
+            "Timestamp": timestamp,
+            "Value": round(percent, 2),
+            "Unit": "Percent",
+        }
+    ]
+
+
+async def run_disk(cloudwatch: CloudWatchClient, config: PublisherConfig, path: Path, stop: asyncio.Event) -> int:
+    """Put the disk metric every interval until ``stop`` is set; failures are logged and retried."""
+    published = 0
+    while not stop.is_set():
+        try:
+            data = disk_metric_data(path, config, datetime.now(UTC))
+            await cloudwatch.put_metric_data(Namespace=config.namespace, MetricData=data)
+            published += 1
+            log.info("published %s: %s used %.1f%%", config.namespace, path, data[0]["Value"])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of one tick must not end the loop
+            log.warning("disk publication failed: %s: %s", type(exc).__name__, exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=config.interval_s)
+    return published
+
+
 def install_stop_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -260,8 +312,22 @@ def _on_signal(stop: asyncio.Event, signum: int) -> None:
     stop.set()
 
 
-async def main(settings: Settings) -> int:
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m worker.cloudwatch", description=__doc__.split("\n")[0])
+    parser.add_argument("--disk", type=Path, default=None, help="publish how full this path's file system is")
+    return parser.parse_args(argv)
+
+
+async def main(settings: Settings, argv: Sequence[str] = ()) -> int:
+    args = parse_args(argv)
     config = PublisherConfig.from_settings(settings)
+    if args.disk is not None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        session = aiobotocore.session.get_session()
+        async with session.create_client("cloudwatch", endpoint_url=settings.cloudwatch_endpoint_url) as cloudwatch:
+            await run_disk(cloudwatch, config, args.disk, stop)
+        return 0
     redis = Redis.from_url(
         settings.redis_url,
         socket_timeout=settings.redis_socket_timeout_s,
@@ -280,4 +346,4 @@ async def main(settings: Settings) -> int:
 
 if __name__ == "__main__":
     setup_logging()
-    raise SystemExit(asyncio.run(main(get_settings())))
+    raise SystemExit(asyncio.run(main(get_settings(), sys.argv[1:])))

@@ -233,3 +233,33 @@ def test_module_runs_and_stops_cleanly_on_sigterm(aws: str, clean_redis: str) ->
     assert "published to SluiceTest" in output
     assert "received SIGTERM, stopping" in output
     assert "stopped after" in output
+
+
+def test_disk_metric_is_the_used_share_of_the_volume(tmp_path: Path) -> None:
+    from worker.cloudwatch import disk_metric_data, run_disk
+
+    config = PublisherConfig(namespace="Sluice", environment="prod", interval_s=0.01)
+    usage = os.statvfs(tmp_path)
+    expected = 100 * (usage.f_blocks - usage.f_bfree) * usage.f_frsize / (usage.f_blocks * usage.f_frsize)
+    (point,) = disk_metric_data(tmp_path, config, datetime.now(UTC))
+    assert point["MetricName"] == "DataVolumeUsedPercent"
+    assert point["Unit"] == "Percent"
+    assert point["Dimensions"] == [{"Name": "Environment", "Value": "prod"}]
+    assert abs(point["Value"] - expected) < 1.0
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[dict[str, Any]] = []
+
+        async def put_metric_data(self, **kwargs: Any) -> None:
+            self.calls.append(kwargs)
+            if len(self.calls) == 3:
+                stop.set()
+
+    async def scenario() -> int:
+        return await run_disk(recorder, config, tmp_path, stop)
+
+    stop = asyncio.Event()
+    recorder = Recorder()
+    assert asyncio.run(scenario()) == 3
+    assert {c["Namespace"] for c in recorder.calls} == {"Sluice"}

@@ -60,7 +60,7 @@ def test_parameters_match_every_template(templates: dict[str, dict[str, Any]]) -
             assert set(given) <= set(declared), (key, set(given) - set(declared))
             required = {name for name, spec in declared.items() if "Default" not in spec}
             assert required <= set(given), (key, required - set(given))
-            outputs_used = {v for v in given.values() if isinstance(v, d.Output) and v.stack != "image"}
+            outputs_used = {v for v in given.values() if isinstance(v, d.Output) and v.stack not in d.PSEUDO_STACKS}
             for output in outputs_used:
                 assert output.key in templates[output.stack]["Outputs"], output
 
@@ -263,7 +263,7 @@ def test_capacity_providers_accept_the_templates_settings(aws: str, templates: d
                     MaxSize=3,
                     AvailabilityZones=["us-east-1a"],
                 )
-        for name, logical in (("app", "AppCapacityProvider"), ("cassandra", "CassandraCapacityProvider")):
+        for name, logical in (("app", "AppCapacityProvider"), ("cassandra", "CassandraCapacityProvider1")):
             provider = dict(resources[logical]["Properties"]["AutoScalingGroupProvider"])
             provider.pop("AutoScalingGroupArn")
             scaling = dict(provider["ManagedScaling"])
@@ -294,7 +294,7 @@ def test_scaling_policies_of_the_template_are_accepted(aws: str, templates: dict
         "WorkerBacklogPerTaskTarget": 20,
         "WorkerCpuTarget": 70,
         "ApiCpuTarget": 60,
-        "ApiRequestsPerTargetPerMinute": 6000,
+        "ApiRequestsPerTargetPerMinute": 18000,
     }
 
     def resolve(value: Any) -> Any:
@@ -302,9 +302,7 @@ def test_scaling_policies_of_the_template_are_accepted(aws: str, templates: dict
             if set(value) == {"Ref"}:
                 return values[value["Ref"]]
             if set(value) == {"Fn::GetAtt"}:
-                return {"WorkerService": "worker", "WorkerBaseService": "worker-base", "ApiService": "api"}[
-                    value["Fn::GetAtt"][0]
-                ]
+                return {"WorkerService": "worker", "ApiService": "api"}[value["Fn::GetAtt"][0]]
             if set(value) == {"Fn::Join"}:
                 return "app/sluice-api/0123456789abcdef/targetgroup/api/0123456789abcdef"
             return {k: resolve(v) for k, v in value.items()}
@@ -361,8 +359,10 @@ def test_scaling_policies_of_the_template_are_accepted(aws: str, templates: dict
     }
     backlog = policies["WorkerBacklogScaling"]["TargetTrackingScalingPolicyConfiguration"]
     metrics = backlog["CustomizedMetricSpecification"]["Metrics"]
-    assert [m["Id"] for m in metrics] == ["depth", "scaled", "base", "backlogPerTask"]
-    assert metrics[-1]["Expression"] == "depth / (scaled + base)"
+    # The policy divides by the tasks it controls (the worker service's), nothing else.
+    assert [m["Id"] for m in metrics] == ["depth", "scaled", "backlogPerTask"]
+    assert metrics[1]["MetricStat"]["Metric"]["Dimensions"][1] == {"Name": "ServiceName", "Value": "worker"}
+    assert metrics[-1]["Expression"] == "depth / scaled"
 
 
 def test_command_line() -> None:
@@ -372,7 +372,8 @@ def test_command_line() -> None:
             "prod",
             "--region",
             "eu-west-1",
-            "--keyspaces",
+            "--external-cassandra-endpoint",
+            "cassandra.example.internal",
             "--param",
             "services.ApiMinTasks=4",
             "--stacks",
@@ -382,9 +383,14 @@ def test_command_line() -> None:
         ]
     )
     assert cfg.cassandra_mode == "external"
-    assert cfg.external_cassandra_endpoint == "cassandra.eu-west-1.amazonaws.com"
+    assert cfg.external_cassandra_endpoint == "cassandra.example.internal"
+    assert d.stack_parameters(cfg, "data")["ExternalCassandraPort"] == "9042"
     assert cfg.stacks == ("data", "services")
     assert d.stack_parameters(cfg, "services")["ApiMinTasks"] == "4"
-    assert d.stack_parameters(cfg, "data")["CassandraCapacityProvider"] == ""
+    assert d.stack_parameters(cfg, "data")["CassandraCapacityProviders"] == ""
+    assert d.stack_parameters(cfg, "data")["CassandraHelperImage"] == ""
     with pytest.raises(SystemExit):
         d.parse_args(["--param", "nowhere.X=1"])
+    # Keyspaces needs TLS, which the application's Cassandra connection lacks: refused, not half-deployed.
+    with pytest.raises(SystemExit):
+        d.parse_args(["--region", "eu-west-1", "--keyspaces"])

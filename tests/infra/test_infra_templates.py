@@ -86,13 +86,29 @@ def test_cluster(templates: dict[str, Any]) -> None:
             assert device["Ebs"]["VolumeType"] == "gp3"
             assert device["Ebs"]["Encrypted"] is True
     providers = resources(cluster, "AWS::ECS::CapacityProvider")
-    assert set(providers) == {"AppCapacityProvider", "CassandraCapacityProvider"}
+    assert set(providers) == {"AppCapacityProvider"} | {f"CassandraCapacityProvider{n}" for n in (1, 2, 3)}
     for provider in providers.values():
         group = provider["Properties"]["AutoScalingGroupProvider"]
         assert group["ManagedScaling"]["Status"] == "ENABLED"
         assert group["ManagedDraining"] == "ENABLED"
-    cassandra_group = cluster["Resources"]["CassandraAutoScalingGroup"]["Properties"]
-    assert cassandra_group["MinSize"] == cassandra_group["MaxSize"] == {"Ref": "CassandraNodeCount"}
+    # One group per node slot, each in one zone (its own subnet) with exactly one instance, and the slot's
+    # volume in that same zone: a replacement lands where its data is.
+    for n in (1, 2, 3):
+        group = cluster["Resources"][f"CassandraAutoScalingGroup{n}"]["Properties"]
+        assert group["MinSize"] == group["MaxSize"] == 1
+        assert group["VPCZoneIdentifier"] == [{"Fn::Select": [n - 1, {"Ref": "PrivateSubnetIds"}]}]
+        volume = cluster["Resources"][f"CassandraVolume{n}"]
+        assert volume["Properties"]["AvailabilityZone"] == {"Fn::Select": [n - 1, {"Ref": "PrivateSubnetZones"}]}
+        assert volume["DeletionPolicy"] == volume["UpdateReplacePolicy"] == "Snapshot"
+        slot = {"Key": "SluiceCassandraNode", "Value": {"Fn::Sub": f"${{EnvironmentName}}-cassandra-{n}"}}
+        assert slot in volume["Properties"]["Tags"]
+        assert {**slot, "PropagateAtLaunch": True} in group["Tags"]
+    launch = cluster["Resources"]["CassandraLaunchTemplate"]["Properties"]["LaunchTemplateData"]
+    assert launch["MetadataOptions"]["InstanceMetadataTags"] == "enabled"
+    assert [d["DeviceName"] for d in launch["BlockDeviceMappings"]] == ["/dev/xvda"]  # no data volume in it
+    boot = launch["UserData"]["Fn::Base64"]["Fn::Sub"]
+    assert "attach-volume" in boot
+    assert boot.index("mountpoint -q /data/cassandra") < boot.index("role=cassandra\n")
 
 
 def test_data(templates: dict[str, Any]) -> None:
@@ -107,20 +123,43 @@ def test_data(templates: dict[str, Any]) -> None:
     task = data["CassandraTaskDefinition"]["Properties"]
     assert task["NetworkMode"] == "host"
     assert {"Name": "data", "Host": {"SourcePath": "/data/cassandra"}} in task["Volumes"]
-    assert data["CassandraService"]["Properties"]["PlacementConstraints"] == [{"Type": "distinctInstance"}]
+    containers = {c["Name"]: c for c in task["ContainerDefinitions"]}
+    # The helper and the disk publisher run the pinned helper image, never the release image.
+    assert containers["discover"]["Image"] == {"Ref": "CassandraHelperImage"}
+    assert containers["disk-metrics"]["Image"] == {"Ref": "CassandraHelperImage"}
+    assert "--data-dir" in containers["discover"]["Command"]
+    assert "ImageUri" not in json.dumps(task)
+    for n in (1, 2, 3):
+        service = data[f"CassandraService{n}"]
+        strategy = service["Properties"]["CapacityProviderStrategy"]
+        assert strategy == [
+            {"CapacityProvider": {"Fn::Select": [n - 1, {"Ref": "CassandraCapacityProviders"}]}, "Weight": 1}
+        ]
+        assert service.get("DependsOn") == (f"CassandraService{n - 1}" if n > 1 else None)  # one node at a time
+    policy = json.dumps(data["CassandraTaskRole"]["Properties"]["Policies"])
+    for action in ("servicediscovery:GetOperation", "route53:GetHostedZone", "route53:ListHostedZonesByName"):
+        assert action in policy
+    assert "ssl_cert_reqs=required" in data["RedisUrlSecret"]["Properties"]["SecretString"]["Fn::Sub"]
     schema_env = {
         e["Name"]: e["Value"]
         for e in data["SchemaTaskDefinition"]["Properties"]["ContainerDefinitions"][0]["Environment"]
     }
     assert "NetworkTopologyStrategy" in json.dumps(schema_env["SLUICE_CASSANDRA_REPLICATION"])
     assert '\\"${AWS::Region}\\": 3' in json.dumps(schema_env["SLUICE_CASSANDRA_REPLICATION"])
+    assert "SingleRegionStrategy" not in json.dumps(templates["data"])  # no Keyspaces path
     assert templates["data"]["Parameters"]["CassandraMode"]["AllowedValues"] == ["self-managed", "external"]
 
 
 def test_services(templates: dict[str, Any]) -> None:
     services = templates["services"]["Resources"]
     group = services["ApiTargetGroup"]["Properties"]
-    assert group["HealthCheckPath"] == "/readyz"
+    assert group["HealthCheckPath"] == "/healthz"
+    # Only /v1/* and /healthz reach the API; the listener answers 404 for the rest.
+    listener = services["HttpsListener"]["Properties"]
+    assert listener["DefaultActions"][0]["Type"] == "fixed-response"
+    assert listener["DefaultActions"][0]["FixedResponseConfig"]["StatusCode"] == "404"
+    rule = services["PublicRoutes"]["Properties"]
+    assert rule["Conditions"] == [{"Field": "path-pattern", "PathPatternConfig": {"Values": ["/v1/*", "/healthz"]}}]
     assert {"Key": "deregistration_delay.timeout_seconds", "Value": "30"} in group["TargetGroupAttributes"]
     api = services["ApiService"]["Properties"]
     assert api["DeploymentConfiguration"]["DeploymentCircuitBreaker"] == {"Enable": True, "Rollback": True}
@@ -135,9 +174,17 @@ def test_services(templates: dict[str, Any]) -> None:
     worker = services["WorkerTaskDefinition"]["Properties"]["ContainerDefinitions"][0]
     limit = next(e["Value"] for e in worker["Environment"] if e["Name"] == "SLUICE_TASK_TIME_LIMIT_S")
     assert worker["StopTimeout"] > int(limit)
-    assert services["WorkerBaseService"]["Properties"]["SchedulingStrategy"] == "DAEMON"
-    base = services["WorkerBaseTaskDefinition"]["Properties"]["ContainerDefinitions"]
-    assert [c["Command"] for c in base] == [["python", "-m", "worker"], ["python", "-m", "worker.cloudwatch"]]
+    assert not any(
+        r["Properties"].get("SchedulingStrategy") == "DAEMON"
+        for r in resources(templates["services"], "AWS::ECS::Service").values()
+    )
+    publisher = services["QueueMetricsTaskDefinition"]["Properties"]["ContainerDefinitions"]
+    assert [c["Command"] for c in publisher] == [["python", "-m", "worker.cloudwatch"]]
+    # The worker's health check pings the node name worker/__main__.py gives it, and is valid Python.
+    check = worker["HealthCheck"]["Command"]
+    compile(check[-1], "healthcheck", "exec")
+    assert "sluice-worker-" in check[-1]
+    assert '"--hostname", f"sluice-worker-{os.getpid()}@%h"' in (ROOT / "worker" / "__main__.py").read_text()
     # Only the ALB reaches the API: the one ingress rule of the app security group comes from the ALB's.
     ingress = resources(templates["services"], "AWS::EC2::SecurityGroupIngress")
     assert [r["Properties"]["SourceSecurityGroupId"] for r in ingress.values()] == [{"Ref": "AlbSecurityGroup"}]
@@ -158,3 +205,25 @@ def test_every_template(templates: dict[str, Any]) -> None:
                 actions = node["Action"] if isinstance(node["Action"], list) else [node["Action"]]
                 assert "*" not in actions, (name, node)
                 assert not any(a.endswith(":*") for a in actions if a != "kms:*"), (name, node)
+
+
+def test_alarms_watch_every_node_and_the_capacity_limits(templates: dict[str, Any]) -> None:
+    data, services = templates["data"]["Resources"], templates["services"]["Resources"]
+    for name in ("RedisMemoryAlarm", "RedisEngineCpuAlarm"):
+        text = json.dumps(data[name]["Properties"]["Metrics"])
+        # Every node (the primary moves on failover), not the first one only.
+        assert "${Redis}-001" in text
+        assert "${Redis}-002" in text
+        assert "${Redis}-003" in text
+        assert "MAX([node1, node2" in text
+    assert data["CassandraDiskAlarm"]["Properties"]["MetricName"] == "DataVolumeUsedPercent"
+    assert "FILL(node1, 0)" in json.dumps(data["CassandraNodesAlarm"]["Properties"]["Metrics"])
+    tasks = json.dumps(services["TasksNotRunningAlarm"]["Properties"]["Metrics"])
+    assert "DesiredTaskCount" in tasks
+    assert "RunningTaskCount" in tasks
+    group = json.dumps(services["AppGroupAtMaximumAlarm"]["Properties"]["Metrics"])
+    assert "GroupMaxSize" in group
+    assert "GroupInServiceInstances" in group
+    alarms = services["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"][0]
+    for name in ("TasksNotRunningAlarm", "AppGroupAtMaximumAlarm"):
+        assert f"${{{name}.Arn}}" in alarms

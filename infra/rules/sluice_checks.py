@@ -1,0 +1,253 @@
+"""Checkov custom checks (``checkov --external-checks-dir infra/rules``), ids CKV_SLUICE_*.
+
+Each guards one finding of the deploy review that cfn-lint and checkov's own checks could not see.
+Checkov renders a ``Ref`` to a parameter as that parameter's default, so a default is checked like a
+literal: a template deployed with its defaults must pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from checkov.cloudformation.checks.resource.base_resource_check import BaseResourceCheck
+from checkov.common.models.enums import CheckCategories, CheckResult
+
+#: The root device of the ECS-optimized AMI: the only volume allowed to die with its instance.
+ROOT_DEVICE = "/dev/xvda"
+#: The tag naming a Cassandra node slot (infra/cluster.yaml).
+SLOT_TAG = "SluiceCassandraNode"
+
+
+def _properties(conf: dict[str, Any]) -> dict[str, Any]:
+    properties = conf.get("Properties")
+    return properties if isinstance(properties, dict) else {}
+
+
+def _is_true(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.lower() == "true")
+
+
+def _tags(properties: dict[str, Any]) -> dict[Any, Any]:
+    tags = properties.get("Tags")
+    return {t.get("Key"): t.get("Value") for t in tags if isinstance(t, dict)} if isinstance(tags, list) else {}
+
+
+class _Check(BaseResourceCheck):
+    def __init__(self, check_id: str, name: str, resources: list[str], category: Any) -> None:
+        super().__init__(name=name, id=check_id, categories=[category], supported_resources=resources)
+
+    def scan_resource_conf(self, conf: dict[str, Any]) -> CheckResult:
+        return CheckResult.PASSED if self.passes(_properties(conf)) else CheckResult.FAILED
+
+    def passes(self, properties: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+
+class DataVolumesOutliveInstances(_Check):
+    """A launch template's volumes other than the root die with nothing: data is never DeleteOnTermination.
+
+    (The Cassandra data volumes are AWS::EC2::Volume resources of their own, re-attached by slot; their
+    DeletionPolicy, which checkov does not show to checks, is asserted by tests/infra/test_infra_templates.py.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "CKV_SLUICE_1",
+            "Data volumes outlive their instance (no DeleteOnTermination except the root volume)",
+            ["AWS::EC2::LaunchTemplate"],
+            CheckCategories.BACKUP_AND_RECOVERY,
+        )
+
+    def passes(self, properties: dict[str, Any]) -> bool:
+        data = properties.get("LaunchTemplateData") or {}
+        for device in data.get("BlockDeviceMappings") or []:
+            ebs = device.get("Ebs") or {}
+            if device.get("DeviceName") != ROOT_DEVICE and _is_true(ebs.get("DeleteOnTermination", True)):
+                return False
+        return True
+
+
+class OneCassandraNodePerZone(_Check):
+    """A Cassandra slot's group has one instance in one subnet: its replacement lands beside its volume."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "CKV_SLUICE_2",
+            "Each Cassandra node slot is a one-instance Auto Scaling group in a single zone",
+            ["AWS::AutoScaling::AutoScalingGroup"],
+            CheckCategories.BACKUP_AND_RECOVERY,
+        )
+
+    def passes(self, properties: dict[str, Any]) -> bool:
+        if SLOT_TAG not in _tags(properties):
+            return True
+        subnets = properties.get("VPCZoneIdentifier")
+        one_subnet = isinstance(subnets, list) and len(subnets) == 1
+        return one_subnet and str(properties.get("MinSize")) == str(properties.get("MaxSize")) == "1"
+
+
+class LivenessHealthCheck(_Check):
+    """The load balancer checks liveness (/healthz): /readyz asks Cassandra, which accepting events does not need."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "CKV_SLUICE_3",
+            "Target groups health-check /healthz, not a dependency-checking path",
+            ["AWS::ElasticLoadBalancingV2::TargetGroup"],
+            CheckCategories.GENERAL_SECURITY,
+        )
+
+    def passes(self, properties: dict[str, Any]) -> bool:
+        return properties.get("HealthCheckPath") == "/healthz"
+
+
+class ServiceCircuitBreaker(_Check):
+    """Every ECS service rolls a failing deployment back by itself."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "CKV_SLUICE_4",
+            "Every ECS service has the deployment circuit breaker with rollback",
+            ["AWS::ECS::Service"],
+            CheckCategories.GENERAL_SECURITY,
+        )
+
+    def passes(self, properties: dict[str, Any]) -> bool:
+        breaker = (properties.get("DeploymentConfiguration") or {}).get("DeploymentCircuitBreaker") or {}
+        return _is_true(breaker.get("Enable")) and _is_true(breaker.get("Rollback"))
+
+
+class NoBinpackWithZoneRebalancing(_Check):
+    """AWS refuses (or ignores) Availability Zone rebalancing for a service that binpacks."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "CKV_SLUICE_5",
+            "No binpack placement on a service with Availability Zone rebalancing",
+            ["AWS::ECS::Service"],
+            CheckCategories.GENERAL_SECURITY,
+        )
+
+    def passes(self, properties: dict[str, Any]) -> bool:
+        if properties.get("AvailabilityZoneRebalancing") != "ENABLED":
+            return True
+        strategies = properties.get("PlacementStrategies") or []
+        return not any(isinstance(s, dict) and s.get("Type") == "binpack" for s in strategies)
+
+
+class InstanceMetadataV2(_Check):
+    """Instances answer metadata only with a session token, and containers get no extra hop to it."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "CKV_SLUICE_6",
+            "Launch templates require IMDSv2 with a hop limit of 1",
+            ["AWS::EC2::LaunchTemplate"],
+            CheckCategories.GENERAL_SECURITY,
+        )
+
+    def passes(self, properties: dict[str, Any]) -> bool:
+        options = (properties.get("LaunchTemplateData") or {}).get("MetadataOptions") or {}
+        return options.get("HttpTokens") == "required" and str(options.get("HttpPutResponseHopLimit")) == "1"
+
+
+class EncryptedEverywhere(_Check):
+    """Every volume, the broker (at rest and in transit), every log group and topic is encrypted."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "CKV_SLUICE_7",
+            "Volumes, ElastiCache, log groups and SNS topics are encrypted",
+            [
+                "AWS::EC2::Volume",
+                "AWS::EC2::LaunchTemplate",
+                "AWS::ElastiCache::ReplicationGroup",
+                "AWS::Logs::LogGroup",
+                "AWS::SNS::Topic",
+            ],
+            CheckCategories.ENCRYPTION,
+        )
+
+    def scan_resource_conf(self, conf: dict[str, Any]) -> CheckResult:
+        properties = _properties(conf)
+        kind = conf.get("Type")
+        if kind == "AWS::EC2::Volume":
+            ok = _is_true(properties.get("Encrypted"))
+        elif kind == "AWS::EC2::LaunchTemplate":
+            devices = (properties.get("LaunchTemplateData") or {}).get("BlockDeviceMappings") or []
+            ok = all(_is_true((d.get("Ebs") or {}).get("Encrypted")) for d in devices)
+        elif kind == "AWS::ElastiCache::ReplicationGroup":
+            ok = (
+                _is_true(properties.get("AtRestEncryptionEnabled"))
+                and _is_true(properties.get("TransitEncryptionEnabled"))
+                and properties.get("TransitEncryptionMode", "required") == "required"
+            )
+        elif kind == "AWS::Logs::LogGroup":
+            ok = bool(properties.get("KmsKeyId"))
+        else:
+            ok = bool(properties.get("KmsMasterKeyId"))
+        return CheckResult.PASSED if ok else CheckResult.FAILED
+
+
+class DeletionProtectionNotOnCreate(_Check):
+    """Deletion protection hard-wired on makes a failed first create end in ROLLBACK_FAILED."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "CKV_SLUICE_8",
+            "Load balancer deletion protection comes from a parameter whose default is false",
+            ["AWS::ElasticLoadBalancingV2::LoadBalancer"],
+            CheckCategories.GENERAL_SECURITY,
+        )
+
+    def passes(self, properties: dict[str, Any]) -> bool:
+        attributes = properties.get("LoadBalancerAttributes") or []
+        values = [a.get("Value") for a in attributes if a.get("Key") == "deletion_protection.enabled"]
+        return not any(_is_true(v) for v in values)
+
+
+class OnlyPublicRoutesAtTheEdge(_Check):
+    """Operator routes (/metrics, /docs, /openapi.json, /readyz) never reach the internet: 404 by default."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "CKV_SLUICE_9",
+            "Internet-facing listeners answer a fixed 404 unless a rule forwards a public route",
+            ["AWS::ElasticLoadBalancingV2::Listener"],
+            CheckCategories.NETWORKING,
+        )
+
+    def passes(self, properties: dict[str, Any]) -> bool:
+        actions = properties.get("DefaultActions") or []
+        return bool(actions) and all(
+            a.get("Type") == "fixed-response" and str((a.get("FixedResponseConfig") or {}).get("StatusCode")) == "404"
+            for a in actions
+        )
+
+
+class LongRunningContainersHaveHealthChecks(_Check):
+    """ECS replaces a stuck process only if it can tell: every essential container has a health check."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "CKV_SLUICE_10",
+            "Essential containers of long-running tasks have a health check",
+            ["AWS::ECS::TaskDefinition"],
+            CheckCategories.GENERAL_SECURITY,
+        )
+
+    def passes(self, properties: dict[str, Any]) -> bool:
+        containers = properties.get("ContainerDefinitions") or []
+        return all(c.get("HealthCheck") for c in containers if _is_true(c.get("Essential", True)))
+
+
+data_volumes_outlive_instances = DataVolumesOutliveInstances()
+one_cassandra_node_per_zone = OneCassandraNodePerZone()
+liveness_health_check = LivenessHealthCheck()
+service_circuit_breaker = ServiceCircuitBreaker()
+no_binpack_with_zone_rebalancing = NoBinpackWithZoneRebalancing()
+instance_metadata_v2 = InstanceMetadataV2()
+encrypted_everywhere = EncryptedEverywhere()
+deletion_protection_not_on_create = DeletionProtectionNotOnCreate()
+only_public_routes_at_the_edge = OnlyPublicRoutesAtTheEdge()
+long_running_containers_have_health_checks = LongRunningContainersHaveHealthChecks()
