@@ -33,6 +33,8 @@ _ORIGIN: Final = f"sluice-{os.getpid()}@{socket.gethostname()}"
 _EMBED: Final = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 JsonEvent = dict[str, Any]
+#: Version of the queued form a message's events are in (sluice.events.queued_form).
+QUEUED_FORM: Final = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +63,9 @@ def build(
     eta = None
     if countdown_s is not None:
         eta = dt.datetime.fromtimestamp(time.time() + countdown_s, dt.UTC).isoformat()
-    body = orjson.dumps([[events], {"accepted_at": accepted_at, "request_ids": request_ids}, _EMBED])
+    # ``form``: the events are in their queued form, validated by the API, so the worker may trust them.
+    kwargs = {"accepted_at": accepted_at, "request_ids": request_ids, "form": QUEUED_FORM}
+    body = orjson.dumps([[events], kwargs, _EMBED])
     envelope = {
         "body": body.decode(),
         "content-encoding": "utf-8",
@@ -118,6 +122,8 @@ class TaskArguments:
     events: list[Any]
     accepted_at: float
     request_ids: list[str]
+    #: Built by sluice (the API, recovery, replay, a retry): events in their queued form, already validated.
+    trusted: bool
 
 
 def parse_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskArguments | str:
@@ -134,4 +140,5 @@ def parse_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskArgume
         accepted_at = time.time()
     if not isinstance(request_ids, list):
         request_ids = []
-    return TaskArguments(events, float(accepted_at), [str(r) for r in request_ids])
+    trusted = kwargs.get("form") == QUEUED_FORM
+    return TaskArguments(events, float(accepted_at), [str(r) for r in request_ids], trusted)

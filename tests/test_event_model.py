@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from decimal import Decimal
 from typing import Any
 
 import pytest
+from cassandra.query import UNSET_VALUE
 
 from api.publisher import BatchingPublisher, Overloaded
-from sluice.events import BookingEvent, ViewEvent, validate_event
+from sluice.events import EVENT_ADAPTER, BookingEvent, ViewEvent, queued_form, validate_event
 from sluice.queue import make_celery
 from sluice.settings import Settings
 from tests.support import booking, view
+from worker.writer import parse_queued
 
 
 def errors_of(raw: Any) -> list[tuple[tuple[str | int, ...], str]]:
@@ -123,3 +126,28 @@ def test_the_publisher_holds_a_bounded_number_of_events() -> None:
         await publisher.close()
 
     asyncio.run(run())
+
+
+def test_the_worker_converts_only_the_exact_queued_form_without_validating() -> None:
+    """The fast path trusts the API's messages but still refuses any other shape (then the model decides)."""
+    good = queued_form(EVENT_ADAPTER.validate_python(booking()))
+    row = parse_queued(good)
+    assert row is not None
+    assert row.values[0].isoformat() == "2026-11-25"
+    assert row.values[-3:] == (2, Decimal("449.70"), "EUR")
+    view_row = parse_queued(queued_form(EVENT_ADAPTER.validate_python(view())))
+    assert view_row is not None
+    assert view_row.values[-5:] == (UNSET_VALUE,) * 5
+    for bad in (
+        good | {"occurred_at": "2026-11-25T09:30:00.250+01:00"},  # not the queued form: validate in full
+        good | {"listing_id": "42"},
+        good | {"guests": True},
+        good | {"extra": 1},
+        {k: v for k, v in good.items() if k != "currency"},
+        good | {"type": "click"},
+        good | {"event_id": "not-a-uuid"},
+        good | {"check_in": "2026-13-01"},
+        good | {"total_price": "a lot"},
+        [good],
+    ):
+        assert parse_queued(bad) is None, bad

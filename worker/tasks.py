@@ -23,19 +23,18 @@ from celery.exceptions import Reject
 
 from sluice import deadletters, keys, message
 from sluice.deadletters import Item
-from sluice.events import BookingEvent, ViewEvent, queued_form, validate_event
+from sluice.events import queued_form, validate_event
 from sluice.marks import Marks
 from sluice.message import WRITE_EVENTS
 from sluice.metrics import EVENT_LAG, EVENTS_WRITTEN, TASK_RETRIES, WRITE_DURATION
 from sluice.queue import DELIVERY
 from worker.app import app, settings
 from worker.clients import clients
-from worker.writer import WriteOutcome
+from worker.writer import Row, WriteOutcome, parse_queued
 
 log = logging.getLogger("sluice.worker")
 
 F = TypeVar("F", bound=Callable[..., Any])
-Event = ViewEvent | BookingEvent
 
 
 def instrumented_task(name: str, **options: Any) -> Callable[[F], F]:
@@ -68,12 +67,12 @@ def _dead_letter(items: Sequence[Item], **kwargs: Any) -> None:
         raise _MustRequeue(f"could not dead-letter {len(items)} item(s): {exc!r}") from exc
 
 
-def _finish(stored: Sequence[Event], accepted_at: float) -> None:
+def _finish(stored: Sequence[Row], accepted_at: float) -> None:
     """Count the stored events, clear their marks and feed the drain rate behind the API's Retry-After.
 
     Best effort: a mark left behind is re-queued later by recovery and found stored (one read); a lost count
     only skews Retry-After."""
-    views = sum(1 for event in stored if event.type == "view")
+    views = sum(1 for row in stored if row.type == "view")
     if views:
         EVENTS_WRITTEN.labels("view").inc(views)
     if len(stored) > views:
@@ -85,7 +84,7 @@ def _finish(stored: Sequence[Event], accepted_at: float) -> None:
         with clients.redis.pipeline(transaction=False) as pipe:
             pipe.incrby(keys.WRITTEN_TOTAL, len(stored))
             pipe.incr(keys.DRAINED_MESSAGES)
-            Marks.done(pipe, [str(event.event_id) for event in stored])
+            Marks.done(pipe, [row.id for row in stored])
             pipe.execute()
     except Exception as exc:  # noqa: BLE001
         log.warning("could not clear the marks of %d stored events: %r", len(stored), exc)
@@ -117,18 +116,24 @@ def _write_events(self: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str,
         _finish([], time.time())
         return 0
 
-    valid: list[Event] = []
+    valid: list[Row] = []
     rejected: list[Item] = []
     for raw in parsed.events:
-        checked = validate_event(raw)
-        if isinstance(checked, list):
-            reason = "; ".join(f"{'.'.join(map(str, e.loc)) or '<event>'}: {e.msg}" for e in checked)
-            rejected.append(Item(raw, f"invalid event: {reason}"))
-        else:
-            valid.append(checked)
+        # The API's own messages are trusted (shape and types checked while converting); anything else, or
+        # an event that does not convert, is validated in full, and refused with the reason if invalid.
+        row = parse_queued(raw) if parsed.trusted else None
+        if row is None:
+            checked = validate_event(raw)
+            if isinstance(checked, list):
+                reason = "; ".join(f"{'.'.join(map(str, e.loc)) or '<event>'}: {e.msg}" for e in checked)
+                rejected.append(Item(raw, f"invalid event: {reason}"))
+                continue
+            row = parse_queued(queued_form(checked))
+            assert row is not None, "the queued form of a valid event always converts"
+        valid.append(row)
     try:
         # Recovery must not take these for lost while this run works on them (however long they queued).
-        clients.marks.picked_up([str(event.event_id) for event in valid])
+        clients.marks.picked_up([row.id for row in valid])
     except Exception as exc:  # noqa: BLE001 - at worst recovery queues them again, which is idempotent
         log.debug("could not refresh the marks of task %s: %r", task_id, exc)
     if rejected:
@@ -141,22 +146,22 @@ def _write_events(self: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str,
     try:
         outcome = clients.writer.write(valid, accepted)
     except Exception as exc:  # noqa: BLE001 - e.g. no connection at all: every event failed
-        outcome = WriteOutcome(failed=[(event, exc) for event in valid])
+        outcome = WriteOutcome(failed=[(row, exc) for row in valid])
     took = time.perf_counter() - started
     WRITE_DURATION.observe(took)
 
     if outcome.conflicts:
-        ids = [str(event.event_id) for event in outcome.conflicts]
+        ids = [row.id for row in outcome.conflicts]
         _dead_letter(
-            [Item(queued_form(e), "conflict: this event_id is stored with other content; the first version "
-                  "wins") for e in outcome.conflicts],
+            [Item(row.queued, "conflict: this event_id is stored with other content; the first version "
+                  "wins") for row in outcome.conflicts],
             kind="conflict", task_id=task_id, attempts=attempt, accepted_at=parsed.accepted_at, release_marks=ids,
         )  # fmt: skip
         log.warning("refused %d events of task %s: their ids are stored with other content", len(ids), task_id)
 
     if outcome.failed:
         error = outcome.failed[0][1]
-        failed = [queued_form(event) for event, _ in outcome.failed]
+        failed = [row.queued for row, _ in outcome.failed]
         if self.request.retries >= (self.max_retries or 0):
             _dead_letter(
                 [Item(event, f"write failed after {attempt} attempts: {exc!r}")

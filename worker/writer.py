@@ -1,4 +1,4 @@
-"""Writing a batch of validated events to Cassandra: first write wins, batched per replica, bounded concurrency.
+"""Writing a batch of events to Cassandra: first write wins, values serialized once, batched per replica.
 
 Each event is written to ``events_by_listing_day`` first and to ``events_by_id`` last, so an event that can
 be read by id is fully stored. Every cell carries a write timestamp derived from the event itself, which
@@ -9,59 +9,98 @@ stored with the same content is done (a redelivery: nothing is written again), a
 content is a **conflict**: the first version stays, the new one is not written anywhere (so both tables
 keep agreeing, listing reads show the event once, and stats count it once). The API refuses a second version
 while the first is queued (409); this check covers a second version that arrives after the first is stored.
+
+Events arrive in their queued form (:func:`sluice.events.queued_form`). A message the API built says so, and
+its events are trusted: :func:`parse_queued` only checks their shape and types while it converts them (no
+model validation per event); anything else goes through the full model (see worker/tasks.py).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
-from typing import Any
+from decimal import Decimal, InvalidOperation
+from typing import Any, Final
 
 from cassandra.concurrent import execute_concurrent
 from cassandra.query import UNSET_VALUE, BatchStatement, BatchType, BoundStatement, PreparedStatement
 
 from sluice.cassandra import Store, write_timestamp_us
-from sluice.events import BookingEvent, ViewEvent, fingerprint, queued_form
+from sluice.events import fingerprint
 
 #: Rows per unlogged batch: about 4 KiB of views, under Cassandra's default batch size warning (5 KiB).
 ROWS_PER_BATCH = 20
 
-
+_VIEW_FIELDS: Final = frozenset({"event_id", "type", "listing_id", "user_id", "occurred_at"})
+_BOOKING_FIELDS: Final = _VIEW_FIELDS | {"check_in", "check_out", "guests", "total_price", "currency"}
 #: A view has no booking columns: they are left *unset* (protocol v4+), not written as nulls, which would
 #: write five cell tombstones per view for compaction to carry and reads to skip.
-_NO_BOOKING = (UNSET_VALUE,) * 5
+_NO_BOOKING: Final = (UNSET_VALUE,) * 5
 
 
-def row_params(event: ViewEvent | BookingEvent, accepted_at: dt.datetime) -> tuple[Any, ...]:
-    """Values in the order of :data:`sluice.cassandra.EVENT_COLUMNS`, after ``day`` and before the timestamp."""
-    occurred = event.occurred_at.astimezone(dt.UTC)
-    if isinstance(event, BookingEvent):
-        stay = (event.check_in, event.check_out, event.guests, Decimal(event.total_price), event.currency)
-    else:
-        stay = _NO_BOOKING
-    return (
-        occurred.date(),
-        event.event_id,
-        event.type,
-        event.listing_id,
-        event.user_id,
-        occurred,
-        *stay,
-        accepted_at,
-        write_timestamp_us(occurred),
+@dataclass(slots=True)
+class Row:
+    """One event, ready to write: its queued form, and the column values of both tables (from ``day`` to
+    ``currency``, the order of :data:`sluice.cassandra.EVENT_COLUMNS` after ``day``)."""
+
+    event_id: uuid.UUID
+    type: str
+    queued: dict[str, Any]
+    values: tuple[Any, ...]
+    timestamp_us: int
+
+    @property
+    def id(self) -> str:
+        return str(self.queued["event_id"])
+
+
+def parse_queued(raw: Any) -> Row | None:
+    """A row from an event in its exact queued form, or None if it is not one (then validate it fully).
+
+    Checks shape and types only: the API validated the event before it queued it."""
+    if type(raw) is not dict:
+        return None
+    kind: str = raw["type"] if raw.get("type") in ("view", "booking") else ""
+    if raw.keys() != (_VIEW_FIELDS if kind == "view" else _BOOKING_FIELDS if kind == "booking" else None):
+        return None
+    event_id, listing_id, user_id, occurred_text = (
+        raw["event_id"],
+        raw["listing_id"],
+        raw["user_id"],
+        raw["occurred_at"],
     )
+    if type(listing_id) is not int or type(user_id) is not int or type(event_id) is not str:
+        return None
+    # Exactly the queued form, 2026-11-25T08:30:00.250Z: anything else goes through the model.
+    if type(occurred_text) is not str or len(occurred_text) != 24 or occurred_text[-1] != "Z":
+        return None
+    try:
+        uid = uuid.UUID(event_id)
+        occurred = dt.datetime.fromisoformat(occurred_text)
+        if kind == "view":
+            stay: tuple[Any, ...] = _NO_BOOKING
+        else:
+            guests, currency = raw["guests"], raw["currency"]
+            if type(guests) is not int or type(currency) is not str or type(raw["total_price"]) is not str:
+                return None
+            check_in, check_out = dt.date.fromisoformat(raw["check_in"]), dt.date.fromisoformat(raw["check_out"])
+            stay = (check_in, check_out, guests, Decimal(raw["total_price"]), currency)
+    except (ValueError, TypeError, InvalidOperation):
+        return None
+    values = (occurred.date(), uid, kind, listing_id, user_id, occurred, *stay)
+    return Row(uid, kind, raw, values, write_timestamp_us(occurred))
 
 
 @dataclass
 class WriteOutcome:
     """What became of each event of a write: stored (now or before), a conflict, or failed (retry it)."""
 
-    stored: list[ViewEvent | BookingEvent] = field(default_factory=list)
-    conflicts: list[ViewEvent | BookingEvent] = field(default_factory=list)
-    failed: list[tuple[ViewEvent | BookingEvent, Exception]] = field(default_factory=list)
+    stored: list[Row] = field(default_factory=list)
+    conflicts: list[Row] = field(default_factory=list)
+    failed: list[tuple[Row, Exception]] = field(default_factory=list)
 
 
 class EventWriter:
@@ -69,75 +108,73 @@ class EventWriter:
         self.store = store
         self.concurrency = concurrency
 
-    def write(self, events: Sequence[ViewEvent | BookingEvent], accepted_at: dt.datetime) -> WriteOutcome:
+    def write(self, rows: Sequence[Row], accepted_at: dt.datetime) -> WriteOutcome:
         """Store the events unless another version is stored; safe to call again with any of them.
 
         One failing batch does not fail the others: only the events of failed batches need a retry."""
         outcome = WriteOutcome()
-        if not events:
+        if not rows:
             return outcome
         try:
-            stored = self.store.stored_versions([event.event_id for event in events])
+            stored = self.store.stored_versions([row.event_id for row in rows])
         except Exception as exc:  # noqa: BLE001 - the read failed: every event needs a retry
-            outcome.failed = [(event, exc) for event in events]
+            outcome.failed = [(row, exc) for row in rows]
             return outcome
-        todo: list[ViewEvent | BookingEvent] = []
-        for event in events:
-            existing = stored.get(event.event_id)
+        todo: list[Row] = []
+        for row in rows:
+            existing = stored.get(row.event_id)
             if existing is None:
-                todo.append(event)
-            elif fingerprint(existing.queued_form()) == fingerprint(queued_form(event)):
-                outcome.stored.append(event)
+                todo.append(row)
+            elif fingerprint(existing.queued_form()) == fingerprint(row.queued):
+                outcome.stored.append(row)
             else:
-                outcome.conflicts.append(event)
+                outcome.conflicts.append(row)
         failed = self._write(todo, accepted_at)
-        failed_ids = {id(event) for event, _ in failed}
-        outcome.stored += [event for event in todo if id(event) not in failed_ids]
-        outcome.failed = failed
+        outcome.stored += [row for index, row in enumerate(todo) if index not in failed]
+        outcome.failed = [(todo[index], error) for index, error in sorted(failed.items())]
         return outcome
 
-    def _write(
-        self, events: Sequence[ViewEvent | BookingEvent], accepted_at: dt.datetime
-    ) -> list[tuple[ViewEvent | BookingEvent, Exception]]:
-        if not events:
-            return []
-        rows = [row_params(event, accepted_at) for event in events]
+    def _write(self, rows: Sequence[Row], accepted_at: dt.datetime) -> dict[int, Exception]:
+        if not rows:
+            return {}
+        # Both tables take the same values in the same order: serialize each row once, for both statements.
+        by_listing = [self.store.insert_by_listing.bind((*row.values, accepted_at, row.timestamp_us)) for row in rows]
+        by_id = [_rebind(self.store.insert_by_id, bound) for bound in by_listing]
         # Phase 1: the listing-and-day rows. Phase 2: the by-id rows, only for events whose listing row is in,
         # so an event readable by id is fully stored.
-        failed = self._write_phase(self.store.insert_by_listing, rows, range(len(rows)))
-        remaining = [index for index in range(len(rows)) if index not in failed]
-        failed |= self._write_phase(self.store.insert_by_id, rows, remaining)
-        return [(events[index], error) for index, error in sorted(failed.items())]
+        failed = self._write_phase(by_listing, range(len(rows)))
+        failed |= self._write_phase(by_id, [index for index in range(len(rows)) if index not in failed])
+        return failed
 
-    def _write_phase(
-        self, statement: PreparedStatement, rows: list[tuple[Any, ...]], indexes: Iterable[int]
-    ) -> dict[int, Exception]:
-        """Write ``rows[i]`` for each index, as unlogged batches of rows that share a replica.
+    def _write_phase(self, bound: list[BoundStatement], indexes: Iterable[int]) -> dict[int, Exception]:
+        """Write ``bound[i]`` for each index, as unlogged batches of rows that share a replica.
 
         Every row costs the Python driver a request of its own unless rows travel together, and that cost,
         not Cassandra, bounds a worker process. Rows are grouped by the node that owns them (token-aware),
         so each batch goes to one replica and is applied there without coordinator fan-out; chunks stay
-        small enough for Cassandra's batch size warning. The failed rows' indexes map to their error.
-        """
+        small enough for Cassandra's batch size warning. The failed rows' indexes map to their error."""
         metadata = self.store.cluster.metadata
         keyspace = self.store.keyspace
-        by_replica: dict[Any, list[tuple[int, BoundStatement]]] = defaultdict(list)
+        by_replica: dict[Any, list[int]] = defaultdict(list)
+        replica_of: dict[bytes, Any] = {}
         for index in indexes:
-            bound = statement.bind(rows[index])
-            replicas = metadata.get_replicas(keyspace, bound.routing_key)
-            by_replica[replicas[0] if replicas else None].append((index, bound))
+            key = bound[index].routing_key
+            if key not in replica_of:  # rows of one listing and day share their partition, and its replica
+                replicas = metadata.get_replicas(keyspace, key)
+                replica_of[key] = replicas[0] if replicas else None
+            by_replica[replica_of[key]].append(index)
         groups: list[list[int]] = []
         requests: list[tuple[Any, Any]] = []
         for members in by_replica.values():
             for start in range(0, len(members), ROWS_PER_BATCH):
                 chunk = members[start : start + ROWS_PER_BATCH]
-                groups.append([index for index, _ in chunk])
+                groups.append(chunk)
                 if len(chunk) == 1:
-                    requests.append((chunk[0][1], None))
+                    requests.append((bound[chunk[0]], None))
                     continue
                 batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-                for _, bound in chunk:
-                    batch.add(bound)
+                for index in chunk:
+                    batch.add(bound[index])
                 requests.append((batch, None))
         results = execute_concurrent(
             self.store.session, requests, concurrency=self.concurrency, raise_on_first_error=False
@@ -147,3 +184,11 @@ class EventWriter:
             if not ok:
                 failed.update(dict.fromkeys(group, outcome))
         return failed
+
+
+def _rebind(statement: PreparedStatement, serialized: BoundStatement) -> BoundStatement:
+    """``statement`` bound to the values ``serialized`` already holds (same columns, same order)."""
+    bound = BoundStatement(statement)
+    bound.values = serialized.values
+    bound.raw_values = serialized.raw_values
+    return bound
