@@ -1,7 +1,8 @@
 """Publishing accepted events to the queue: concurrent requests share one message, written with its marks.
 
 Each request hands its events to :class:`BatchingPublisher` and waits; one background loop gathers what
-arrived (waiting at most ``linger`` for more, and not at all once a message is full), writes the message and
+arrived (while it is busy, waiting at most ``linger`` for more, and not at all once a message is full or
+when requests come one at a time: a quiet API never waits), writes the message and
 the events' queued marks to Redis in one script (:mod:`sluice.marks`), and only then wakes the waiting
 requests. Everything runs on the event loop (redis.asyncio), with no thread hop. So a request is answered 202
 only once its events and their marks are in Redis, and a request's events always travel in one message: all
@@ -99,6 +100,8 @@ class BatchingPublisher:
         self._full = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._closing = False
+        #: The last message carried several requests (or more were waiting): linger to fill the next one.
+        self._busy = False
         # After a failed publish, fail fast for a moment rather than pile requests onto a Redis that is away.
         self._unavailable_until = 0.0
         self._last_error = ""
@@ -144,11 +147,13 @@ class BatchingPublisher:
                     return
                 self._wakeup.clear()
                 continue
-            if self._linger_s > 0 and self._queued_events < self._max_events and not self._closing:
-                # Give concurrent requests a moment to join this message, unless it is already full.
+            if self._busy and self._linger_s > 0 and self._queued_events < self._max_events and not self._closing:
+                # Busy (the last message was shared): give concurrent requests a moment to join this one,
+                # unless it is already full. Quiet (one request at a time): no wait at all.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._full.wait(), self._linger_s)
             batch = self._take()
+            self._busy = len(batch) > 1 or bool(self._queue)
             try:
                 # A deadline of our own: past it the outcome is unknown (504); the script may still land.
                 sent = await asyncio.wait_for(self._publish(batch), self._deadline_s)
