@@ -2,7 +2,7 @@
 
 A mark is the hash field ``keys.QUEUED[event_id]`` = 16 hex digits of the event's fingerprint followed by the
 JSON record ``{"a": accepted_at, "e": event}``, plus the event id in the sorted set ``keys.QUEUED_INDEX``
-scored by when the event was last queued (or last picked up by a worker). A mark:
+scored by when the event was last queued. A mark:
 
 * is written **in the same Redis script as the message** that carries the event (:func:`enqueue`): both or
   neither, in one round trip, so a 202 never stands without its mark, and a worker can never see (and clear)
@@ -156,11 +156,6 @@ class Marks:
             args=[message.payload, time.time(), event_id, dead_record, mark],
         )
         return answer.decode() if isinstance(answer, bytes) else str(answer)
-
-    def picked_up(self, event_ids: Sequence[str]) -> None:
-        """A worker started on these events: recovery must not count them lost while it works."""
-        if event_ids:
-            self.client.zadd(keys.QUEUED_INDEX, dict.fromkeys(event_ids, time.time()), xx=True)
 
     def get(self, event_ids: Sequence[str | bytes]) -> list[Mark | None]:
         raw = cast("list[bytes | None]", self.client.hmget(keys.QUEUED, list(event_ids)))

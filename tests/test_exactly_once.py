@@ -229,6 +229,20 @@ def test_recovery_runs_under_a_backlog(db: redis.Redis) -> None:
     assert db.zscore(keys.QUEUED_INDEX, waiting["event_id"]) == now - 400
 
 
+def test_recovery_leaves_alone_what_a_worker_holds(db: redis.Redis) -> None:
+    """An old mark whose message a worker has taken (kombu's unacknowledged set: being written, or waiting
+    for its retry to be due) is not lost; one whose message is nowhere is."""
+    now = time.time()
+    held, lost = queued(view()), queued(view())
+    _mark(db, held, now - 600)
+    _mark(db, lost, now - 600)
+    envelope = orjson.loads(message.build([held], accepted_at=now - 600, request_ids=["t"]).payload)
+    db.hset(keys.UNACKED, "some-delivery-tag", orjson.dumps([envelope, "", keys.EVENTS_QUEUE]))
+    assert recover_lost(Marks(db), older_than_s=60) == 1
+    requeued = orjson.loads(orjson.loads(db.lindex(keys.EVENTS_QUEUE, 0))["body"])  # type: ignore[arg-type]
+    assert requeued[0][0] == [lost]
+
+
 def test_a_stray_mark_of_a_stored_event_is_cleared_without_a_rewrite(
     client: httpx.Client, worker: Service, cassandra: Session, redis_client: redis.Redis
 ) -> None:

@@ -3,13 +3,16 @@
 kombu's Redis transport takes a message off the queue (BRPOP) before it records the delivery in its
 unacknowledged set; a worker killed in between loses that message, and nothing in Redis but the events'
 queued marks (:mod:`sluice.marks`) remembers it. Each mark's index score says when its event was last
-queued, or last picked up by a worker. An event is lost when its score is older than
+queued. An event is lost when its score is older than
 
-* the visibility timeout (plus a margin): no live delivery can still hold it (a worker refreshes the score
-  when it starts on a message, and a task never runs longer than its time limit), and
+* the visibility timeout (plus a margin), and
 * the oldest message still in the queue (its ``sluice_enqueued_at``): the queue is first in, first out, so
   everything queued before that message has been taken off it. This is what lets recovery run under a
-  backlog: an old event still waiting its turn is never younger than the queue's head.
+  backlog: an old event still waiting its turn is never younger than the queue's head;
+
+and no message that a worker holds (kombu's unacknowledged set: being written, or waiting for its retry to
+be due) carries it. That set is read only when there are candidates, so a worker pays no Redis round trip
+per message for recovery's sake.
 
 Such events are queued again (with their marks' scores refreshed, in one script). The write is idempotent
 and the worker skips events already stored, so a false alarm costs one read.
@@ -17,9 +20,12 @@ and the worker skips events already stored, so a false alarm costs one read.
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from typing import Final, cast
+
+import orjson
 
 from sluice import keys, message
 from sluice.marks import Marks
@@ -45,6 +51,22 @@ def lost_before(marks: Marks, older_than_s: float, now: float | None = None) -> 
     return cutoff
 
 
+def _held_by_workers(marks: Marks) -> set[str]:
+    """Event ids of the messages workers hold right now (delivered, not yet acknowledged)."""
+    held: set[str] = set()
+    for _, raw in marks.client.hscan_iter(keys.UNACKED, count=100):
+        try:
+            envelope = orjson.loads(raw)[0]
+            body = envelope["body"]
+            if envelope.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            events = orjson.loads(body)[0][0]
+            held.update(str(event["event_id"]) for event in events if isinstance(event, dict) and "event_id" in event)
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
+            continue  # not one of ours: nothing of it can be a queued mark
+    return held
+
+
 def recover_lost(marks: Marks, *, older_than_s: float, limit: int = 5000) -> int:
     """Queue again the events whose message was lost; returns how many."""
     client = marks.client
@@ -57,7 +79,9 @@ def recover_lost(marks: Marks, *, older_than_s: float, limit: int = 5000) -> int
     ids = cast("list[bytes]", client.zrangebyscore(keys.QUEUED_INDEX, "-inf", cutoff, 0, limit))
     if not ids:
         return 0
-    records = marks.get(ids)
+    held = _held_by_workers(marks)
+    ids = [event_id for event_id in ids if event_id.decode() not in held]
+    records = marks.get(ids) if ids else []
     found = [(event_id.decode(), mark) for event_id, mark in zip(ids, records, strict=True) if mark]
     gone = [event_id for event_id, mark in zip(ids, records, strict=True) if mark is None]
     for start in range(0, len(found), CHUNK):

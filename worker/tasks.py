@@ -131,11 +131,6 @@ def _write_events(self: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str,
             row = parse_queued(queued_form(checked))
             assert row is not None, "the queued form of a valid event always converts"
         valid.append(row)
-    try:
-        # Recovery must not take these for lost while this run works on them (however long they queued).
-        clients.marks.picked_up([row.id for row in valid])
-    except Exception as exc:  # noqa: BLE001 - at worst recovery queues them again, which is idempotent
-        log.debug("could not refresh the marks of task %s: %r", task_id, exc)
     if rejected:
         # A message from an older or broken producer must not block the valid events it carries.
         _dead_letter(rejected, kind="invalid_event", task_id=task_id, attempts=attempt,
