@@ -114,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/metrics",
         tags=["health"],
         summary="Prometheus metrics of every API and worker process",
+        operation_id="getMetrics",
         response_class=PlainTextResponse,
         responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
     )

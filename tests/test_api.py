@@ -164,7 +164,11 @@ def test_openapi_describes_the_contract(client: httpx.Client) -> None:
     assert {"/v1/events", "/v1/events/batch", "/v1/events/{event_id}", "/healthz", "/readyz"} <= set(doc["paths"])
     post = doc["paths"]["/v1/events"]["post"]
     assert post["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Event"}
-    assert {"202", "400", "413", "415", "422", "503"} <= set(post["responses"])
+    assert {"202", "400", "409", "413", "415", "422", "503", "504"} <= set(post["responses"])
+    # Named operations, for generated clients (postEvent, not post_event_v1_events_post).
+    operations = {op["operationId"] for path in doc["paths"].values() for op in path.values()}
+    assert operations == {"postEvent", "postEventBatch", "getEvent", "listListingEvents", "getListingStats",
+                          "getHealth", "getReadiness", "getMetrics"}  # fmt: skip
     booking_schema = doc["components"]["schemas"]["BookingEvent"]
     assert booking_schema["additionalProperties"] is False
     assert "guests" in booking_schema["required"]

@@ -167,6 +167,7 @@ async def _queue(publisher: PublisherDep, events: list[ViewEvent | BookingEvent]
     openapi_extra=_body_schema("Event"),
     dependencies=[QUEUE_HAS_ROOM],
     summary="Ingest one event",
+    operation_id="postEvent",
 )
 async def post_event(request: Request, settings: SettingsDep, publisher: PublisherDep) -> JSONResponse:
     raw = await read_json(request, settings.max_body_bytes)
@@ -198,6 +199,7 @@ async def post_event(request: Request, settings: SettingsDep, publisher: Publish
     openapi_extra=_body_schema("BatchRequest"),
     dependencies=[QUEUE_HAS_ROOM],
     summary="Ingest up to 1,000 events; each is judged on its own",
+    operation_id="postEventBatch",
 )
 async def post_batch(request: Request, settings: SettingsDep, publisher: PublisherDep) -> JSONResponse:
     raw = await read_json(request, settings.max_body_bytes)
@@ -261,6 +263,7 @@ async def post_batch(request: Request, settings: SettingsDep, publisher: Publish
         **_errors(503, "Cassandra is unreachable."),
     },
     summary="Where one event is: stored (as written), queued, or dead-lettered",
+    operation_id="getEvent",
 )
 async def get_event(event_id: UUID, store: StoreDep, resources: ResourcesDep) -> JSONResponse:
     try:

@@ -13,7 +13,7 @@ from api.responses import JSONResponse
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="The process is alive")
+@router.get("/healthz", summary="The process is alive", operation_id="getHealth")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -21,6 +21,7 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="Redis and Cassandra answer",
+    operation_id="getReadiness",
     responses={503: {"description": "A dependency does not answer; the body says which."}},
 )
 async def readyz(resources: ResourcesDep) -> JSONResponse:

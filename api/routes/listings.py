@@ -130,6 +130,7 @@ def _decode_token(key: bytes, token: str, query: str, start: dt.datetime, end: d
     response_model=EventsPage,
     responses=PAGE_ERRORS,
     summary="A listing's events in time order, paged",
+    operation_id="listListingEvents",
 )
 async def listing_events(
     listing_id: ListingId,
@@ -190,6 +191,7 @@ async def listing_events(
     response_model=Stats,
     responses=READ_ERRORS,
     summary="Views and bookings of a listing per UTC day (exact: rows are counted, never counters)",
+    operation_id="getListingStats",
 )
 async def listing_stats(
     listing_id: ListingId,
