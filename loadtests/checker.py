@@ -38,7 +38,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from uuid import UUID
 
 import httpx
@@ -252,6 +252,10 @@ class Report:
         }
 
     @property
+    def total(self) -> int:
+        return self.checked
+
+    @property
     def ok(self) -> bool:
         return not any(self.counts().values())
 
@@ -344,7 +348,7 @@ class Checker:
         if self.cluster is not None:
             self.cluster.shutdown()
 
-    def __enter__(self) -> Checker:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:
