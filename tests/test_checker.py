@@ -20,7 +20,7 @@ from cassandra.cluster import Session
 from loadtests.checker import Checker, Ledger, Report, api_stats
 from sluice.cassandra import Store
 from sluice.events import validate_event
-from tests.support import TEST_KEY, Service
+from tests.support import TEST_KEY, Service, stored_rows
 from worker.writer import row_params
 
 pytestmark = pytest.mark.timeout(120)
@@ -221,3 +221,14 @@ def test_an_unknown_outcome_stored_half_is_partial(run: Run) -> None:
     run.cql("DELETE FROM events_by_id WHERE event_id = %s", UUID(run.unknown_stored["event_id"]))
     report = run.check()
     only(report, partial=1)
+
+
+def test_stored_rows_counts_a_second_listing_row(run: Run) -> None:
+    """The single-event tests' helper sees a duplicate too (it used to be a point read: 0 or 1)."""
+    event = run.events[7]
+    assert stored_rows(run.session, event["event_id"]) == (1, 1)
+    at = dt.datetime.fromisoformat(event["occurred_at"]) + dt.timedelta(seconds=3)
+    _copy_listing_row(run, event, lambda e: e.update(occurred_at=at.isoformat()))
+    assert stored_rows(run.session, event["event_id"]) == (1, 2)
+    run.cql("DELETE FROM events_by_id WHERE event_id = %s", UUID(event["event_id"]))
+    assert stored_rows(run.session, event["event_id"]) == (0, 0)
