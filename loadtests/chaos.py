@@ -204,7 +204,7 @@ def progress(rig: Rig, load: Workload, until: float, every: float = 10.0) -> Non
     while time.monotonic() < until:
         time.sleep(min(every, max(0.0, until - time.monotonic())))
         now = time.monotonic()
-        outcomes = Counter(load.outcomes)
+        outcomes, counts = load.snapshot()
         delta = outcomes - last
         requests = sum(delta.values())
         try:
@@ -212,7 +212,6 @@ def progress(rig: Rig, load: Workload, until: float, every: float = 10.0) -> Non
             queue = f"queue {waiting}+{unacked}"
         except redis.RedisError:
             queue = "queue ?"
-        counts = load.ledger.counts()
         say(f"  [{now - rig.t0:7.1f} s] {requests / (now - last_t):5.1f} req/s {dict(delta)}; accepted "
             f"{counts['accepted']:,}, unknown now {counts['unresolved']}, retries {load.retries}; {queue}; "
             f"faults {dict(rig.faults)}")  # fmt: skip
@@ -264,7 +263,7 @@ def run(args: argparse.Namespace, rig: Rig, seed: int, kinds: list[str], out: Pa
     for thread in threads:
         thread.join()
     rig.revive()
-    say(f"load stopped; retrying {load.ledger.counts()['unresolved']} unknown outcomes (up to "
+    say(f"load stopped; retrying {load.snapshot()[1]['unresolved']} unknown outcomes (up to "
         f"{args.retry_deadline:g} s)")  # fmt: skip
     load.stop()
     counts = load.ledger.counts()

@@ -125,6 +125,11 @@ class Workload:
     def unresolved(self) -> int:
         return len(self.ledger.unresolved)
 
+    def snapshot(self) -> tuple[Counter[str], dict[str, int]]:
+        """Outcomes so far and the ledger's counts, read while no answer is being recorded (progress lines)."""
+        with self._lock:
+            return Counter(self.outcomes), self.ledger.counts()
+
     # --- events ------------------------------------------------------------------------------------------
     def _event(self) -> dict[str, Any]:
         # A little after the fact, like real clients: occurred_at up to two seconds in the past.
