@@ -35,6 +35,10 @@ from loadtests.checker import Ledger, Outcome
 from loadtests.common import make_event
 
 
+#: Transport errors that mean the request never reached the API.
+NOT_SENT = ("connect_error", "ConnectTimeout", "PoolTimeout")
+
+
 @dataclass
 class Failure:
     """A fresh request's definite refusal (what the fault tests assert on)."""
@@ -213,8 +217,9 @@ class Workload:
                 answer = None
             if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
                 code = str(answer["error"].get("code", ""))
-        except httpx.ConnectError:
-            code = "connect_error"  # nothing reached the API: definitely not queued
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # No connection was made (or none was free): nothing reached the API, definitely not queued.
+            code = "connect_error" if isinstance(exc, httpx.ConnectError) else type(exc).__name__
         except httpx.HTTPError as exc:
             code = type(exc).__name__
         seconds = time.monotonic() - began
@@ -224,7 +229,7 @@ class Workload:
             results = answer.get("results", [])
             by_id = {r.get("event_id"): r.get("status") for r in results if isinstance(r, dict)}
             per_event = ["accepted" if by_id.get(e["event_id"]) == "accepted" else "refused" for e in job.events]
-        elif status == 504 or (status >= 500 and status != 503) or (status == 0 and code != "connect_error"):
+        elif status == 504 or (status >= 500 and status != 503) or (status == 0 and code not in NOT_SENT):
             per_event = ["unknown"] * len(job.events)
         else:  # 4xx, 409, 503, a refused connection: nothing was queued
             per_event = ["refused"] * len(job.events)
