@@ -34,7 +34,6 @@ import orjson
 from loadtests.checker import Ledger, Outcome
 from loadtests.common import make_event
 
-
 #: Transport errors that mean the request never reached the API.
 NOT_SENT = ("connect_error", "ConnectTimeout", "PoolTimeout")
 
