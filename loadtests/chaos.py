@@ -289,8 +289,11 @@ def finish(
     result = report.as_json()
     counts = {name: int(result[name]) for name in MUST_BE_ZERO}
     history = out / "history.jsonl"
+    # One clock for both: seconds since the run started (the workload counts from its own start).
+    offset = load.started - rig.t0
+    requests = [{**r, "t": round(float(r["t"]) + offset, 3)} for r in load.requests]
     with history.open("wb") as f:
-        for entry in sorted([*load.requests, *rig.timeline], key=lambda e: float(e["t"])):
+        for entry in sorted([*requests, *rig.timeline], key=lambda e: float(e["t"])):
             f.write(orjson.dumps(entry) + b"\n")
     passed = not any(counts.values()) and drained_s is not None
     summary = {
