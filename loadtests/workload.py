@@ -163,7 +163,10 @@ class Workload:
 
     # --- the loop ----------------------------------------------------------------------------------------
     async def _run(self) -> None:
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        # No cap on connections: on an overloaded machine, requests that failed mid-flight can leave pooled
+        # connections unusable (a fault test saw every later request end in PoolTimeout, 60 s long, with a
+        # fresh API answering); the open loop's 500-request cap bounds the connections anyway.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         headers = {"Authorization": f"Bearer {self.api_key}"}
         async with httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=self.timeout, limits=limits) as c:
             pending: set[asyncio.Task[None]] = set()
