@@ -20,6 +20,7 @@ from cassandra.cluster import Session
 
 from devstack import Profile, Servers
 from loadtests.checker import Checker
+from loadtests.workload import NOT_SENT
 from sluice import keys
 from tests.history import SteadyLoad, check
 from tests.support import AUTH, Service, start_api, start_worker, view, wait_until
@@ -212,7 +213,10 @@ def test_api_sigterm(rig: Rig, cassandra: Session) -> None:
     summary = check(history, cassandra, settle_s=60, api_url=api.base_url)
     assert summary["ok"] >= 50
     # Requests after the API stopped were refused at connect (failed), never half-answered.
-    assert all(f.code == "connect_error" or f.status == 503 for f in history.failed.values())
+    # (A connect timeout or a full client pool also means the request never reached the API.)
+    assert all(f.code in NOT_SENT or f.status == 503 for f in history.failed.values()), {
+        (f.status, f.code) for f in history.failed.values()
+    }
     log = api.log_text()
     assert "API shutting down: publishing what is queued" in log
     assert "Application shutdown complete" in log
