@@ -10,10 +10,9 @@ timings of ``tests/support.py``: a lost message is handed out again after 20 s, 
 - a workload of single events, batches and gzip-compressed batches at ``--rate`` requests/s, plus a few
   re-posts of accepted ids with another body (the API must refuse them: 409 ``conflict``); unknown
   outcomes (504, timeouts, resets) are retried with the same ids and bodies (``loadtests/workload.py``);
-- a scheduler, seeded by ``--seed``, that after a quiet gap picks one fault (in shuffled rounds of every
-  kind): SIGKILL the API
-  (then start it again), SIGKILL one worker (then start it again), SIGKILL Redis (then start it again on
-  the same append-only file), or SIGSTOP Cassandra for a few seconds (then SIGCONT).
+- a scheduler, seeded by ``--seed``, that after a quiet gap injects one fault (in shuffled rounds of every
+  kind): SIGKILL the API (then start it again), SIGKILL one worker (then start it again), SIGKILL Redis
+  (then start it again on the same append-only file), or SIGSTOP Cassandra for a few seconds (SIGCONT).
 
 Then it stops the load (unknowns are still retried for a while), waits for the queue to drain, and runs the
 checker (``loadtests/checker.py``). It prints lost / duplicated / unexpected / conflicting / partial /
