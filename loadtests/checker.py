@@ -354,16 +354,34 @@ class Checker:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def _run(self, statement: Any, params: list[tuple[Any, ...]]) -> list[Any]:
+    def _run(self, statement: Any, params: list[tuple[Any, ...]], attempts: int = 5) -> list[Any]:
+        """Rows of ``statement`` for every parameter set. A read that fails (a timeout on a busy or just
+        unfrozen Cassandra) is tried again, up to ``attempts`` times; then it raises: a failed read must never
+        pass for "not stored"."""
         rows: list[Any] = []
-        if not params:
-            return rows
-        # A failed read raises: it must never pass for "not stored".
-        for ok, result in execute_concurrent_with_args(
-            self.session, statement, params, concurrency=self.concurrency, raise_on_first_error=True
-        ):
-            assert ok
-            rows += list(result)  # iterating fetches further pages, if any
+        todo = params
+        for attempt in range(1, attempts + 1):
+            if not todo:
+                break
+            failed: list[tuple[Any, ...]] = []
+            results = execute_concurrent_with_args(
+                self.session, statement, todo, concurrency=self.concurrency, raise_on_first_error=False
+            )
+            for args, (ok, result) in zip(todo, results, strict=True):
+                if not ok:
+                    if attempt == attempts:
+                        raise result
+                    failed.append(args)
+                    continue
+                try:
+                    rows += list(result)  # iterating fetches further pages, which can fail too
+                except Exception:
+                    if attempt == attempts:
+                        raise
+                    failed.append(args)
+            todo = failed
+            if todo:
+                time.sleep(0.5 * attempt)
         return rows
 
     def present_by_id(self, ids: Sequence[UUID]) -> set[UUID]:
