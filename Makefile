@@ -14,7 +14,7 @@ SYNCED := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml | cksum | cut -d' '
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: help up test setup deps lint format typecheck infra-check pytest loadtest bench down clean
+.PHONY: help up test setup deps lint format typecheck infra-check pytest loadtest bench chaos down clean
 
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -64,9 +64,13 @@ loadtest: setup ## locust at a fixed rate against the running stack (starts one 
 bench: setup ## find how far the pipeline goes on this machine; writes build/bench/summary.json
 	@$(PY) -m loadtests.bench $(ARGS)
 
+chaos: setup ## randomized faults under load, then the exactly-once check (10 min); ARGS="--duration 600 --rate 40 --seed N"
+	@$(PY) -m loadtests.chaos $(ARGS)
+
 down: deps ## stop servers a crashed run left behind
 	@$(PY) -m devstack down
 	@$(PY) -m devstack down --profile test
+	@$(PY) -m devstack down --profile chaos
 
 clean: down ## remove data, caches and the virtualenv
 	rm -rf .data build $(VENV) $(TOOLS) .cache

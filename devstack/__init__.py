@@ -54,6 +54,12 @@ PROFILES = {
         "test", redis_port=16380, cassandra_port=19042, storage_port=17000, jmx_port=17199, api_port=18000,
         heap_mb=768, redis_maxmemory="512mb",
     ),
+    # The randomized fault run (make chaos, tests/test_chaos.py): it kills Redis and freezes Cassandra, so it
+    # gets servers, ports and a data folder of its own and never disturbs a test run beside it.
+    "chaos": Profile(
+        "chaos", redis_port=26380, cassandra_port=29042, storage_port=27000, jmx_port=27199, api_port=28000,
+        heap_mb=768, redis_maxmemory="512mb",
+    ),
 }  # fmt: skip
 
 

@@ -120,6 +120,8 @@ class Bench:
         self.checked = 0
         self.lost = 0
         self.duplicated = 0
+        self.unexpected = 0
+        self.conflicting = 0
         self.details: dict[str, Any] = {}
 
     def close(self) -> None:
@@ -151,11 +153,13 @@ class Bench:
         if len(records) >= 5000:
             say(f"  checking {len(records):,} events in Cassandra (both tables)")
         if not drained:
-            self.checker.wait_stored(records, timeout=20)
-        result = self.checker.check(records)
+            self.checker.wait_stored_records(records, timeout=20)
+        result = self.checker.check_accepted(records)
         self.checked += result.total
         self.lost += len(result.lost)
         self.duplicated += len(result.duplicated)
+        self.unexpected += len(result.unexpected)
+        self.conflicting += len(result.conflicting)
         return result
 
     def ensure_empty_queue(self) -> None:
@@ -197,8 +201,8 @@ class Bench:
         if drained_s is None or drained_s > a.max_lag_s:
             took = "not within the wait" if drained_s is None else f"{drained_s:.1f} s"
             reasons.append(f"queue drained {took} after the last request (> {a.max_lag_s:g} s: workers behind)")
-        if check.lost or check.duplicated:
-            reasons.append(f"{len(check.lost)} lost, {len(check.duplicated)} duplicated")
+        if not check.ok:
+            reasons.append(check.line())
         step = {
             "target_rps": rate,
             "pass": not reasons,
@@ -527,14 +531,15 @@ def main(argv: list[str] | None = None) -> int:
         if "lag" not in skip:
             summary |= bench.lag()
         summary |= bench.memory()
-        summary |= {"lost": bench.lost, "duplicated": bench.duplicated, "checked": bench.checked}
+        summary |= {"lost": bench.lost, "duplicated": bench.duplicated, "checked": bench.checked,
+                    "unexpected": bench.unexpected, "conflicting": bench.conflicting}  # fmt: skip
         summary["targets"] = {k: {"target": f"{op} {t:g}", "verdict": verdict(k, summary.get(k))}
                               for k, (op, t) in TARGETS.items()}  # fmt: skip
         summary["took_s"] = round(time.monotonic() - started, 1)
         (OUT / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
         print_table(summary)
         say(f"figures written to {(OUT / 'summary.json').relative_to(PROJECT)} ({summary['took_s']:.0f} s)")
-        return 0 if bench.lost == 0 and bench.duplicated == 0 else 1
+        return 0 if not (bench.lost or bench.duplicated or bench.unexpected or bench.conflicting) else 1
     except KeyboardInterrupt:
         say("interrupted: stopping what this run started")
         return 130

@@ -46,7 +46,7 @@ class EventFactory:
         kind = "booking" if self.rng.random() < 0.1 else "view"
         listing = zipf.listing()
         event = make_event(str(eid), kind, listing, self.rng.randint(1, 2_000_000), epoch_ms, self.rng)
-        return event, Accepted(eid, listing, epoch_ms)
+        return event, Accepted.of(event)
 
     def single(self, count: int, rate: float) -> tuple[list[bytes], list[Accepted]]:
         """``count`` POST /v1/events, ``occurred_at`` at each request's due time from about now."""

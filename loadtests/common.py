@@ -131,9 +131,12 @@ def make_event(
     return event
 
 
-def accepted_line(event_id: str, listing_id: int, epoch_ms: int) -> str:
-    """One accepted event in the files the exactly-once check reads: ``event_id,listing_id,occurred_at ms``."""
-    return f"{event_id},{listing_id},{epoch_ms}\n"
+def accepted_line(event: dict[str, Any]) -> str:
+    """One accepted event in the files the exactly-once check reads: the event as sent, one JSON per line (the
+    checker compares every stored field with it)."""
+    import json
+
+    return json.dumps(event, separators=(",", ":")) + "\n"
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:

@@ -79,6 +79,12 @@ def _arguments(parser: LocustArgumentParser) -> None:
     group.add_argument("--users-batch", type=int, default=1, help="how many of the users post batches")
     group.add_argument("--batch-size", type=int, default=20, help="events per batch request")
     group.add_argument("--listings", type=int, default=100_000, help="listings, drawn with Zipf-like popularity")
+    group.add_argument(
+        "--listing-base",
+        type=int,
+        default=0,
+        help="added to every listing id: a base of its own per run keeps the check to this run's rows",
+    )
     group.add_argument("--zipf-s", type=float, default=1.07, help="Zipf exponent of listing popularity")
     group.add_argument("--user-pool", type=int, default=2_000_000, help="distinct end users")
     group.add_argument("--accepted-dir", default=str(BUILD / "loadtest" / "accepted"), help="accepted ids go here")
@@ -96,11 +102,11 @@ class Recorder:
 
     def open(self, directory: str) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        self.path = Path(directory) / f"accepted-{os.getpid()}.csv"
+        self.path = Path(directory) / f"accepted-{os.getpid()}.jsonl"
         self.path.write_text("")
 
     def add(self, event: dict[str, Any], epoch_ms: int) -> None:
-        self.buffer.append(accepted_line(event["event_id"], event["listing_id"], epoch_ms))
+        self.buffer.append(accepted_line(event))
         self.count += 1
         if len(self.buffer) >= 1000:
             self.flush()
@@ -215,7 +221,7 @@ def on_init(environment: Environment, **_: Any) -> None:
     EventUser.wait_time = constant_throughput(per_user)
     BatchUser.wait_time = constant_throughput(per_user)
     BatchUser.fixed_count = options.users_batch
-    _zipf = Zipf(options.listings, options.zipf_s)
+    _zipf = Zipf(options.listings, options.zipf_s, base=options.listing_base)
     _user_pool = options.user_pool
     _batch_size = options.batch_size
     _auth["Authorization"] = f"Bearer {resolve_api_key(None)}"

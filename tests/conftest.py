@@ -6,6 +6,7 @@ as real processes. Tests that only need the event model do not start anything.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from sluice.cassandra import apply_schema, connect
 from sluice.settings import Settings
 from tests.support import AUTH, Service, start_api, start_worker
 
-PROFILE = PROFILES["test"]
+#: ``SLUICE_TEST_PROFILE=chaos`` runs tests on the chaos profile's ports and data folder (beside a test run).
+PROFILE = PROFILES[os.environ.get("SLUICE_TEST_PROFILE", "test")]
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +41,11 @@ def settings(profile: Profile) -> Settings:
 
 @pytest.fixture(scope="session")
 def servers(profile: Profile) -> Iterator[Servers]:
+    # SLUICE_TEST_REUSE_SERVERS=1: use the profile's servers already running (``python -m devstack servers
+    # --profile ...``) instead of starting fresh ones, to iterate on a few tests quickly.
+    if os.environ.get("SLUICE_TEST_REUSE_SERVERS") == "1":
+        yield Servers(profile)
+        return
     stack = Servers(profile, fresh=True).start()
     try:
         yield stack

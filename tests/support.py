@@ -16,6 +16,7 @@ from uuid import UUID
 
 import httpx
 from cassandra.cluster import Session
+from cassandra.query import ValueSequence
 
 from devstack import PROJECT, Profile
 
@@ -152,13 +153,20 @@ def utc(value: str) -> dt.datetime:
 
 
 def stored_rows(session: Session, event_id: str | UUID) -> tuple[int, int]:
-    """How many rows hold this event in each table: (by id, by listing and day)."""
+    """How many rows hold this event in each table: (by id, by listing and day).
+
+    The second number counts the event's rows in its listing's partitions of the day ``events_by_id`` names
+    and the days either side, scanned whole: a second row under another ``occurred_at`` (even across
+    midnight) counts, so a duplicate shows as 2, not as a point read's 0 or 1.
+    """
     eid = UUID(str(event_id))
     by_id = session.execute("SELECT listing_id, day FROM events_by_id WHERE event_id = %s", (eid,)).all()
     if not by_id:
         return 0, 0
-    listing_id, day = by_id[0].listing_id, by_id[0].day
+    listing_id, day = by_id[0].listing_id, by_id[0].day.date()
+    days = [day + dt.timedelta(days=d) for d in (-1, 0, 1)]
     by_listing = session.execute(
-        "SELECT event_id FROM events_by_listing_day WHERE listing_id = %s AND day = %s", (listing_id, day)
+        "SELECT event_id FROM events_by_listing_day WHERE listing_id = %s AND day IN %s",
+        (listing_id, ValueSequence(days)),
     ).all()
     return len(by_id), sum(1 for row in by_listing if row.event_id == eid)
