@@ -20,6 +20,13 @@ reported. Phases, each checked end to end (every accepted event stored exactly o
    ``events_by_id`` from the moment its 202 came back: p50/p99 of accepted -> readable.
 5. memory: peak RSS (VmHWM) of the API processes, each worker instance (main + pool), Cassandra.
 
+0. warm-up (not counted), then 100 single events/s for 10 s: ``single_p50_ms_at_100``.
+6. ceiling (before the drain): the same kind of rows written by the driver's best path with no pipeline
+   (``loadtests/ceiling.py``): ``ceiling_events_per_s``; ``drain_ratio`` = drain / ceiling and ``batch_ratio``
+   = batch end to end / ceiling come from the same run. The drain phase's fill, workers paused, gives
+   ``api_batch_events_per_s``; the single phase, past its first failure, climbs for ``single_max_rps`` (the
+   highest rate sustained at any latency). CPU per event per role (ms) for the drain, batch and ceiling.
+
 Prints a table and writes ``build/bench/summary.json``.
 """
 
@@ -59,10 +66,14 @@ from loadtests.verify import Accepted, Checker, CheckResult, queue_depth, wait_d
 OUT = BUILD / "bench"
 T = TypeVar("T")
 
+#: The targets of the performance issue; ratios are against the ceiling measured in the same run.
 TARGETS: dict[str, tuple[str, float]] = {
-    "single_rps": (">=", 2500),
-    "batch_events_per_s": (">=", 50_000),
-    "drain_events_per_s": (">=", 20_000),
+    "drain_ratio": (">=", 0.80),
+    "batch_ratio": (">=", 0.75),
+    "api_batch_events_per_s": (">=", 50_000),
+    "single_rps": (">=", 1500),
+    "single_max_rps": (">=", 4000),
+    "single_p50_ms_at_100": ("<=", 3),
     "lag_p99_ms": ("<=", 2000),
     "api_rss_mb": ("<=", 150),
     "lost": ("<=", 0),
@@ -83,7 +94,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--steps", default="250,500,1000,1500,2000,2500,3000,4000,5000",
                    help="single-event rates to try, requests/s")  # fmt: skip
     g.add_argument("--step-s", type=float, default=10.0, help="seconds per rate step (10)")
-    g.add_argument("--refine", type=int, default=2, help="bisections after the first failing step (2)")
+    g.add_argument("--refine", type=int, default=4, help="bisections after the first failing step (4)")
+    g.add_argument("--max-steps", type=int, default=3,
+                   help="steps above the first failing rate, for the highest sustained rate (3)")  # fmt: skip
+    g.add_argument("--ceiling-events", type=int, default=None, help="rows of the ceiling phase (= --fill-events)")
     g.add_argument("--p99-ms", type=float, default=50.0, help="API p99 bound of a passing step (50)")
     g.add_argument("--max-lag-s", type=float, default=2.0, help="a passing step's queue drains within this (2)")
     g.add_argument("--connections", type=int, default=64, help="keep-alive connections, single events (64)")
@@ -97,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--listings", type=int, default=10_000, help="listings per phase, Zipf popularity (10,000)")
     g.add_argument("--budget-s", type=float, default=330.0,
                    help="stop adding rate steps when the run would overrun this many seconds (330)")  # fmt: skip
-    g.add_argument("--skip", default="", help="phases to skip, comma-separated: single,batch,drain,lag")
+    g.add_argument("--skip", default="", help="phases to skip, comma-separated: single,ceiling,batch,drain,lag")
     g.add_argument("--py-spy", action="store_true",
                    help="profile the API during the lag phase and the workers during the drain phase")  # fmt: skip
     g.add_argument("--py-spy-format", default="flamegraph", choices=["flamegraph", "raw", "speedscope"])
@@ -170,13 +184,46 @@ class Bench:
 
     # --- phases ------------------------------------------------------------------------------------------
     def warmup(self) -> None:
-        say("warm-up: 3 s at 100 requests/s (not counted)")
-        requests, records = self.factory.single(300, 100)
+        """Warm every JIT and cache on the path before anything is measured: a cold Cassandra made the first
+        phase of earlier runs look worse than the rest."""
+        say("warm-up: 5 s at 200 requests/s and 20,000 events in batches (not counted)")
+        requests, records = self.factory.single(1000, 200)
         statuses = array("H", bytes(2 * len(requests)))
-        self.load(requests, rate=100, connections=min(16, self.args.connections), max_seconds=8,
+        self.load(requests, rate=200, connections=min(16, self.args.connections), max_seconds=10,
                   on_response=_recorder(statuses))  # fmt: skip
+        batches, batch_records = self.factory.batches(200, 100)
+        batch_statuses = array("H", bytes(2 * len(batches)))
+        self.load(batches, rate=None, connections=self.args.batch_connections, max_seconds=60,
+                  on_response=_recorder(batch_statuses, all_accepted=True))  # fmt: skip
+        self.settle(60)
+        accepted = [r for st, recs in zip(batch_statuses, batch_records, strict=True) if st == 202 for r in recs]
+        self.verify(ok_records(statuses, records) + accepted, drained=True)
+
+    def p50_at_100(self) -> dict[str, Any]:
+        """Latency of a quiet API: 100 single events per second for 10 s."""
+        requests, records = self.factory.single(1000, 100)
+        statuses = array("H", bytes(2 * len(requests)))
+        res = self.load(requests, rate=100, connections=min(16, self.args.connections), max_seconds=15,
+                        on_response=_recorder(statuses))  # fmt: skip
         self.settle(30)
         self.verify(ok_records(statuses, records), drained=True)
+        p50 = round(res.quantile_ms(0.5), 2)
+        say(f"  at 100/s: p50 {p50} ms, p99 {res.quantile_ms(0.99):.1f} ms")
+        return {"single_p50_ms_at_100": p50, "single_p99_ms_at_100": round(res.quantile_ms(0.99), 2)}
+
+    def ceiling(self, events: int) -> dict[str, Any]:
+        from loadtests.ceiling import measure
+        from sluice.settings import Settings
+
+        say(f"phase ceiling: {events:,} events (both tables) by the driver's best path, 2 processes, no pipeline")
+        self.ensure_empty_queue()
+        self.meter.start()
+        out = measure(Settings(cassandra_port=self.stack.processes.cassandra_port), events)
+        usage = self.meter.stop()
+        out["ceiling_cpu"] = usage.as_json()
+        out["ceiling_cpu_ms_per_event"] = cpu_per_event(usage, events)
+        say(f"  {out['ceiling_events_per_s']:,.0f} events/s")
+        return out
 
     def single_step(self, rate: float) -> dict[str, Any]:
         a = self.args
@@ -223,7 +270,7 @@ class Bench:
         """Rising rates until the first failure, then bisections; no new step once ``deadline`` is near."""
         a = self.args
         steps = [float(s) for s in a.steps.split(",") if s.strip()]
-        say(f"phase 1/4 single events: rising rates {', '.join(f'{s:g}' for s in steps)} req/s, {a.step_s:g} s each")
+        say(f"phase single events: rising rates {', '.join(f'{s:g}' for s in steps)} req/s, {a.step_s:g} s each")
         results: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None
         failed_at: float | None = None
@@ -243,8 +290,10 @@ class Bench:
         low = best["target_rps"] if best else 0.0
         for _ in range(a.refine if failed_at is not None else 0):
             assert failed_at is not None
-            mid = round((low + failed_at) / 2 / 25) * 25
-            if mid <= low or mid >= failed_at or failed_at - low < 50 or time.monotonic() + step_cost > deadline:
+            # Fine steps: to 10 req/s, stopping once the bracket is within 5 % of the best pass.
+            mid = round((low + failed_at) / 2 / 10) * 10
+            if (mid <= low or mid >= failed_at or failed_at - low < max(20.0, 0.05 * low)
+                    or time.monotonic() + step_cost > deadline):  # fmt: skip
                 break
             self.ensure_empty_queue()
             step = self.single_step(mid)
@@ -253,7 +302,24 @@ class Bench:
                 best, low = step, mid
             else:
                 failed_at = mid
+        # The highest sustained rate at any latency: keep climbing past the first failure while the generator
+        # still achieves what it offers (and nothing is lost); the latency bar no longer matters here.
+        sustained = [r for r in results if r["http"]["achieved_rps"] >= 0.95 * r["target_rps"]
+                     and r["exactly_once"].get("lost", 0) == 0]  # fmt: skip
+        rate = max([r["target_rps"] for r in results] + [0.0])
+        for _ in range(a.max_steps if failed_at is not None else 0):
+            rate = rate * 1.5
+            if time.monotonic() + step_cost > deadline + 60:
+                break
+            self.ensure_empty_queue()
+            step = self.single_step(rate)
+            results.append(step)
+            if step["http"]["achieved_rps"] >= 0.95 * rate and step["exactly_once"].get("lost", 0) == 0:
+                sustained.append(step)
+            else:
+                break
         out: dict[str, Any] = {"steps": results, "first_failing_rps": failed_at}
+        out["single_max_rps"] = max((r["http"]["achieved_rps"] for r in sustained), default=0.0)
         if best is not None:
             out |= {
                 "single_rps": best["http"]["achieved_rps"],
@@ -291,6 +357,7 @@ class Bench:
             "batch_drained_after_api_s": None if drained_s is None else round(drained_s, 2),
             "batch_exactly_once": check.as_json(5),
             "batch_cpu": usage.as_json(),
+            "batch_cpu_ms_per_event": cpu_per_event(usage, len(accepted)),
         }
         say(f"  {len(accepted):,} events accepted in {api_s:.1f} s ({out['batch_api_events_per_s']:,.0f}/s at the "
             f"API, p99 {res.quantile_ms(0.99):.0f} ms/request), stored {drained_s or math.inf:.1f} s later: "
@@ -365,6 +432,9 @@ class Bench:
             "drain_startup_s": round(taken - started, 2),
             "drain_s": None if done is None else round(done - taken, 2),
             "fill_api_events_per_s": round(len(accepted) / res.wall_s, 1),
+            # Batches taken by the API alone, workers paused: what one API process accepts.
+            "api_batch_events_per_s": round(len(accepted) / res.wall_s, 1),
+            "drain_cpu_ms_per_event": cpu_per_event(usage, len(accepted)),
             "drain_exactly_once": check.as_json(5),
             "drain_cpu": usage.as_json(),
         }
@@ -466,9 +536,15 @@ def print_table(summary: dict[str, Any]) -> None:
     achieved = summary.get("lag_http", {}).get("achieved_rps")
     lag_note = f"at {achieved:,.0f} req/s achieved ({offered:,.0f} offered)" if achieved else ""
     rows = [
-        ("single_rps", "single-event POSTs, end to end (req/s)", f"p99 {summary.get('single_p99_ms')} ms"),
-        ("batch_events_per_s", "batch endpoint, end to end (events/s)", ""),
+        ("ceiling_events_per_s", "write ceiling, driver alone (events/s)", "2 processes, 64 in flight"),
         ("drain_events_per_s", "worker drain into Cassandra (events/s)", ""),
+        ("drain_ratio", "drain / ceiling", ""),
+        ("batch_events_per_s", "batch endpoint, end to end (events/s)", ""),
+        ("batch_ratio", "batch end to end / ceiling", ""),
+        ("api_batch_events_per_s", "API alone, batches, workers paused (ev/s)", ""),
+        ("single_rps", "single events, p99 bar, end to end (req/s)", f"p99 {summary.get('single_p99_ms')} ms"),
+        ("single_max_rps", "single events, highest sustained (req/s)", "any latency"),
+        ("single_p50_ms_at_100", "single events at 100/s, p50 (ms)", ""),
         ("lag_p50_ms", "accepted -> readable p50 (ms)", lag_note),
         ("lag_p99_ms", "accepted -> readable p99 (ms)", lag_note),
         ("api_rss_mb", "API peak RSS per process (MB)", ""),
@@ -482,14 +558,32 @@ def print_table(summary: dict[str, Any]) -> None:
     print("-" * 100)
     for key, label, note in rows:
         value = summary.get(key)
-        shown = "-" if value is None else f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
+        if value is None:
+            shown = "-"
+        elif key.endswith("_ratio"):
+            shown = f"{value:.3f}"
+        else:
+            shown = f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
         if key in TARGETS:
             op, target = TARGETS[key]
-            target_text, met = f"{op} {target:,.0f}", verdict(key, value)
+            target_text, met = f"{op} {target:,g}", verdict(key, value)
         else:
             target_text, met = "", ""
         print(f"{label:<42} {shown:>12}  {target_text:<10} {met:<7} {note}")
-    print("-" * 100, flush=True)
+    print("-" * 100)
+    for phase in ("drain", "batch", "ceiling"):
+        per_event = summary.get(f"{phase}_cpu_ms_per_event")
+        if per_event:
+            shares = ", ".join(f"{role} {ms:.3f}" for role, ms in per_event.items())
+            print(f"CPU ms per event, {phase}: {shares}")
+    print(flush=True)
+
+
+def cpu_per_event(usage: Any, events: int) -> dict[str, float]:
+    """Milliseconds of CPU per event for each role (cores busy x wall time / events)."""
+    if not events:
+        return {}
+    return {role: round(cores * usage.wall_s * 1000 / events, 4) for role, cores in usage.cores.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -520,14 +614,21 @@ def main(argv: list[str] | None = None) -> int:
             "machine": {"cpus": _cpus(), "note": "load generator, API, workers, Redis and Cassandra share it"},
         }
         bench.warmup()
+        summary |= bench.p50_at_100()
         # What the later phases need, kept back from the stepped search: drain + batch + lag + stopping.
         reserve = 60 + 2 * args.batch_s + args.lag_s + 40
         if "single" not in skip:
             summary |= bench.single(deadline=started + args.budget_s - reserve)
+        if "ceiling" not in skip:
+            summary |= bench.ceiling(args.ceiling_events or args.fill_events)
         if "drain" not in skip:
             summary |= bench.drain()
+        if summary.get("ceiling_events_per_s"):
+            summary["drain_ratio"] = round(summary.get("drain_events_per_s", 0.0) / summary["ceiling_events_per_s"], 3)
         if "batch" not in skip:
             summary |= bench.batch(summary.get("drain_events_per_s"))
+            if summary.get("ceiling_events_per_s"):
+                summary["batch_ratio"] = round(summary["batch_events_per_s"] / summary["ceiling_events_per_s"], 3)
         if "lag" not in skip:
             summary |= bench.lag()
         summary |= bench.memory()
