@@ -19,9 +19,9 @@ from cassandra.cluster import Session
 
 from loadtests.checker import Checker, Ledger, Report, api_stats
 from sluice.cassandra import Store
-from sluice.events import validate_event
+from sluice.events import queued_form, validate_event
 from tests.support import TEST_KEY, Service, stored_rows
-from worker.writer import row_params
+from worker.writer import parse_queued
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,7 +68,9 @@ class Run:
     def write(self, event: dict[str, Any], *, by_id: bool = True) -> None:
         model = validate_event(event)
         assert not isinstance(model, list), model
-        params = row_params(model, dt.datetime.now(dt.UTC))
+        row = parse_queued(queued_form(model))
+        assert row is not None
+        params = (*row.values, dt.datetime.now(dt.UTC), row.timestamp_us)
         self.session.execute(self.store.insert_by_listing, params)
         if by_id:
             self.session.execute(self.store.insert_by_id, params)
