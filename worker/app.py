@@ -139,6 +139,7 @@ class RestoreUnacked(bootsteps.StartStopStep):
 
 
 app.steps["worker"].add(RestoreUnacked)
+app.steps["consumer"].add("worker.liveness:Heartbeat")  # liveness file for healthchecks
 
 # Registers the tasks on ``app``.
 from worker import tasks  # noqa: E402,F401

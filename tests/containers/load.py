@@ -1,0 +1,200 @@
+"""Load and the exactly-once check for the container suite.
+
+Requests go out at a fixed rate (open loop), singles and batches mixed; each one is recorded as ok (202:
+its accepted events), failed (a 4xx/5xx answer, or a refused connection: nothing was sent) or unknown (a
+timeout, another transport error, or the API's 504). The check then reads Cassandra: every event of an ok
+request has one row in ``events_by_id`` and one row with its ``event_id`` in its (listing_id, day) partition
+of ``events_by_listing_day`` (the partition is scanned, not point-read), and no event of a failed request is
+stored. The outcome classes are tests/history.py's, so both suites judge a request the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import httpx
+from cassandra import ConsistencyLevel
+from cassandra.cluster import Session
+from cassandra.concurrent import execute_concurrent_with_args
+from cassandra.query import SimpleStatement
+
+from tests.history import Failure, History
+from tests.support import booking, view, wait_until
+
+#: Every event of a run is on one of these listings, so each partition holds a few dozen rows to scan.
+LISTINGS = 400
+
+
+@dataclass
+class Load:
+    """What a run sent: the history per event, and each event's partition."""
+
+    history: History = field(default_factory=History)
+    partitions: dict[str, tuple[int, dt.date]] = field(default_factory=dict)
+    requests: Counter[str] = field(default_factory=Counter)
+    #: Answers that are neither 202 nor a 503 with Retry-After (the API must not answer those under our faults).
+    bad_answers: list[str] = field(default_factory=list)
+    sent_requests: int = 0
+
+
+class SteadyLoad:
+    """Posts fresh events at ``rate`` requests per second, every ``batch_every``-th request a batch."""
+
+    def __init__(self, base_url: str, key: str, rate: float, batch_every: int = 10, batch_size: int = 10) -> None:
+        self.base_url, self.rate = base_url, rate
+        self.headers = {"Authorization": f"Bearer {key}"}
+        self.batch_every, self.batch_size = batch_every, batch_size
+        self.load = Load()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="container-load", daemon=True)
+
+    def __enter__(self) -> SteadyLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def stop(self) -> Load:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        return self.load
+
+    def _event(self, n: int) -> dict[str, Any]:
+        # occurred_at a little in the past, on today's partition, so the rows land on many (listing, day) keys.
+        at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+        listing = 1 + n % LISTINGS
+        make = booking if n % 7 == 0 else view
+        event = make(listing_id=listing, user_id=1 + n % 1000, occurred_at=at.isoformat(timespec="milliseconds"))
+        self.load.partitions[event["event_id"]] = (listing, at.date())
+        return event
+
+    async def _run(self) -> None:
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+        async with httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=5, limits=limits) as c:
+            pending: set[asyncio.Task[None]] = set()
+            started, sent, made = time.monotonic(), 0, 0
+            while not self._stop.is_set():
+                due = int((time.monotonic() - started) * self.rate)
+                while sent < due and len(pending) < 800:
+                    count = self.batch_size if sent % self.batch_every == 0 else 1
+                    events = [self._event(made + i) for i in range(count)]
+                    made += count
+                    task = asyncio.create_task(self._post(c, events))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                    sent += 1
+                await asyncio.sleep(0.005)
+            self.load.sent_requests = sent
+            if pending:
+                await asyncio.wait(pending)
+
+    async def _post(self, client: httpx.AsyncClient, events: list[dict[str, Any]]) -> None:
+        h, ids = self.load.history, [e["event_id"] for e in events]
+        began = time.monotonic()
+        try:
+            if len(events) == 1:
+                response = await client.post("/v1/events", json=events[0])
+            else:
+                response = await client.post("/v1/events/batch", json={"events": events})
+        except httpx.ConnectError:
+            for i in ids:
+                h.failed[i] = Failure(i, 0, "connect_error", None, time.monotonic() - began, began)
+            self.load.requests["connect_error"] += 1
+            return
+        except httpx.HTTPError as exc:
+            h.unknown.update(ids)
+            self.load.requests[type(exc).__name__] += 1
+            return
+        self.load.requests[str(response.status_code)] += 1
+        if response.status_code == 202:
+            results = response.json()["results"]
+            for i, result in zip(ids, results, strict=True):
+                if result["status"] == "accepted":
+                    h.ok.add(i)
+                else:
+                    h.failed[i] = Failure(i, 202, "rejected", None, time.monotonic() - began, began)
+            return
+        if response.status_code == 504:
+            h.unknown.update(ids)
+            return
+        retry_after = response.headers.get("retry-after")
+        code = response.json().get("error", {}).get("code", "") if response.content else ""
+        for i in ids:
+            h.failed[i] = Failure(i, response.status_code, code, retry_after, time.monotonic() - began, began)
+        if not (response.status_code == 503 and retry_after):
+            self.load.bad_answers.append(f"{response.status_code} {code}")
+
+
+@dataclass
+class Rows:
+    """Rows found per event: in events_by_id, and in its partition of events_by_listing_day."""
+
+    by_id: Counter[str]
+    by_listing: Counter[str]
+
+
+def read_rows(session: Session, load: Load, ids: set[str], consistency: int = ConsistencyLevel.LOCAL_QUORUM) -> Rows:
+    """Count each event's rows in both tables; a failed read raises (it must never pass for "not stored")."""
+    by_id_stmt = session.prepare("SELECT event_id FROM events_by_id WHERE event_id = ?")
+    by_id_stmt.consistency_level = consistency
+    ordered = sorted(ids)
+    results = execute_concurrent_with_args(session, by_id_stmt, [(UUID(i),) for i in ordered], concurrency=32)
+    by_id: Counter[str] = Counter()
+    for i, (_, rows) in zip(ordered, results, strict=True):
+        by_id[i] = len(rows.current_rows)
+    wanted: dict[tuple[int, dt.date], set[str]] = defaultdict(set)
+    for i in ids:
+        wanted[load.partitions[i]].add(i)
+    scan = session.prepare("SELECT event_id FROM events_by_listing_day WHERE listing_id = ? AND day = ?")
+    scan.consistency_level = consistency
+    scan.fetch_size = 5000
+    keys = sorted(wanted)
+    by_listing: Counter[str] = Counter()
+    for key, (_, rows) in zip(keys, execute_concurrent_with_args(session, scan, keys, concurrency=16), strict=True):
+        for row in rows:  # iterating pages through the whole partition
+            if str(row.event_id) in wanted[key]:
+                by_listing[str(row.event_id)] += 1
+    return Rows(by_id, by_listing)
+
+
+def check(load: Load, session: Session, settle_s: float = 120) -> dict[str, int]:
+    """Every ok event stored once in both tables, no failed event stored; returns the figures."""
+    h = load.history
+    assert h.ok, f"no request succeeded: {load.requests}"
+    missing = set(h.ok)
+
+    def all_ok_stored() -> bool:
+        nonlocal missing
+        rows = read_rows(session, load, missing)
+        missing = {i for i in missing if not (rows.by_id[i] and rows.by_listing[i])}
+        return not missing
+
+    wait_until(all_ok_stored, settle_s, "every acknowledged event to be stored (still missing some)", every=2)
+    rows = read_rows(session, load, h.sent)
+    duplicated = sorted(i for i in h.sent if rows.by_id[i] > 1 or rows.by_listing[i] > 1)
+    half = sorted(i for i in h.sent if bool(rows.by_id[i]) != bool(rows.by_listing[i]))
+    wrongly = sorted(i for i in h.failed if rows.by_id[i] or rows.by_listing[i])
+    assert not duplicated, f"{len(duplicated)} events stored more than once, e.g. {duplicated[:3]}"
+    assert not half, f"{len(half)} events in one table only, e.g. {half[:3]}"
+    assert not wrongly, f"{len(wrongly)} events refused with an error were stored anyway, e.g. {wrongly[:3]}"
+    return {
+        "requests": load.sent_requests,
+        "events_ok": len(h.ok),
+        "events_failed": len(h.failed),
+        "events_unknown": len(h.unknown),
+        "stored": sum(1 for i in h.sent if rows.by_id[i]),
+        "lost": 0,
+        "duplicated": 0,
+    }
+
+
+def scan_statement(cql: str, consistency: int) -> SimpleStatement:
+    return SimpleStatement(cql, consistency_level=consistency)
