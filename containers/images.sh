@@ -93,3 +93,12 @@ step "docker build sluice-loadtest:local (loadtest)" "$LOGS/build-loadtest.log" 
 for image in "$PY_IMAGE" "$REDIS_IMAGE" "$CASSANDRA_IMAGE" sluice:local sluice-loadtest:local; do
   say "  $(docker image inspect --format '{{index .RepoTags 0}}  {{.Size}} bytes' "$image")"
 done
+
+# The same local API key `make up` uses (.data/dev/api-key), so the README's curl lines work on either path.
+KEY_FILE=.data/dev/api-key
+if [ ! -s "$KEY_FILE" ]; then
+  mkdir -p "$(dirname "$KEY_FILE")"
+  (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$KEY_FILE")
+fi
+say "ready. The API key is in $KEY_FILE: $(cat "$KEY_FILE")"
+say "  SLUICE_API_KEYS=\$(cat $KEY_FILE) docker compose up -d --wait --scale worker=3"

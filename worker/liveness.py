@@ -81,7 +81,9 @@ def check(path: Path, max_age_s: float, now: float | None = None) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.liveness", description=__doc__.splitlines()[0])
     parser.add_argument("--max-age", type=float, default=60.0, help="seconds the heartbeat may be old")
-    parser.add_argument("--file", type=Path, default=None, help="heartbeat file (default: $SLUICE_WORKER_HEARTBEAT_FILE)")
+    parser.add_argument(
+        "--file", type=Path, default=None, help="heartbeat file (default: $SLUICE_WORKER_HEARTBEAT_FILE)"
+    )
     args = parser.parse_args(argv)
     problem = check(args.file or heartbeat_file(), args.max_age)
     if problem:

@@ -85,8 +85,7 @@ class Compose:
         if proc.returncode != 0:
             self.save_logs()
             raise AssertionError(
-                f"compose up failed ({proc.returncode}) after {took:.0f} s: {self.health_line()}; "
-                f"logs in {LOG_DIR}/"
+                f"compose up failed ({proc.returncode}) after {took:.0f} s: {self.health_line()}; logs in {LOG_DIR}/"
             )
         say(f"{self.project}: every service healthy in {took:.0f} s")
         return took
@@ -97,7 +96,9 @@ class Compose:
 
     def health_line(self) -> str:
         try:
-            return ", ".join(f"{s['Name'].removeprefix(self.project + '-')}: {s['Health'] or s['State']}" for s in self.states())
+            return ", ".join(
+                f"{s['Name'].removeprefix(self.project + '-')}: {s['Health'] or s['State']}" for s in self.states()
+            )
         except (AssertionError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
             return f"(no status: {exc})"
 

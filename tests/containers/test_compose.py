@@ -32,7 +32,8 @@ def test_every_service_is_healthy_with_three_workers(single: Compose) -> None:
         "api-1", "cassandra-1", "redis-1", "worker-1", "worker-2", "worker-3"
     ]  # fmt: skip
     assert set(running.values()) == {"healthy"}, running
-    assert states["sluice-ct-schema-1"]["State"] == "exited" and states["sluice-ct-schema-1"]["ExitCode"] == 0
+    assert states["sluice-ct-schema-1"]["State"] == "exited"
+    assert states["sluice-ct-schema-1"]["ExitCode"] == 0
 
 
 def test_worker_healthcheck_is_the_liveness_file(single: Compose) -> None:
@@ -41,7 +42,8 @@ def test_worker_healthcheck_is_the_liveness_file(single: Compose) -> None:
     assert subprocess.run(probe, capture_output=True).returncode == 0
     # A heartbeat that is too old must fail the check: the check can fail.
     stale = subprocess.run([*probe[:-1], "0.001"], capture_output=True, text=True)
-    assert stale.returncode == 1 and "old" in stale.stderr
+    assert stale.returncode == 1
+    assert "old" in stale.stderr
 
 
 def test_the_readme_requests_work(single: Compose) -> None:
@@ -50,7 +52,8 @@ def test_the_readme_requests_work(single: Compose) -> None:
         one = c.post("/v1/events", json=view(event_id=event_id))
         assert one.status_code == 202, one.text
         batch = c.post("/v1/events/batch", json={"events": [booking(), view()]})
-        assert batch.status_code == 202 and batch.json()["accepted"] == 2, batch.text
+        assert batch.status_code == 202, batch.text
+        assert batch.json()["accepted"] == 2, batch.text
         wait_until(lambda: c.get(f"/v1/events/{event_id}").json().get("status") == "stored", 60, "stored", every=1)
         assert c.post("/v1/events", json=view(), headers={"Authorization": "Bearer wrong"}).status_code == 401
 
@@ -60,7 +63,8 @@ def test_singles_and_batches_are_stored_once_and_workers_drain_in_parallel(singl
         time.sleep(20)
     figures = check(load.load, session)
     say(f"single node, 60 req/s for 20 s: {figures}, answers {dict(load.load.requests)}")
-    assert load.load.requests["202"] == load.load.sent_requests and not load.load.bad_answers
+    assert load.load.requests["202"] == load.load.sent_requests
+    assert not load.load.bad_answers
     # Every one of the three workers wrote batches: the queue is drained in parallel.
     for cid in single.ids("worker"):
         logs = subprocess.run(["docker", "logs", cid], capture_output=True, text=True).stderr
@@ -94,16 +98,22 @@ def test_sigterm_of_workers_and_api_under_load_loses_nothing(single: Compose, se
 def test_loadtest_profile_headless_writes_its_report(single: Compose) -> None:
     shutil.rmtree(REPORT, ignore_errors=True)
     began = time.monotonic()
+    # The README's headless command, with a rate and p99 bound this shared 2-core machine can hold (the
+    # thresholds themselves are the locustfile's; command-line values win over LOCUST_* variables).
+    command = ["locust", "-f", "loadtests/locustfile.py", "--host", "http://api:8000", "--users", "10"]
+    command += ["--spawn-rate", "10", "--target-rps", "30", "--p99-ms", "3000", "--min-rate-ratio", "0.8"]
+    command += ["--html", "/report/report.html", "--summary-file", "/report/locust-summary.json"]
+    command += ["--accepted-dir", "/report"]
     done = single.run(
-        "--profile", "loadtest", "run", "--rm",
-        "-e", "LOCUST_HEADLESS=true", "-e", "LOCUST_RUN_TIME=20s", "-e", "LOCUST_P99_MS=3000",
-        "-e", "LOCUST_TARGET_RPS=40", "locust", timeout=240, check=False,
+        "--profile", "loadtest", "run", "--rm", "-e", "LOCUST_HEADLESS=true", "-e", "LOCUST_RUN_TIME=20s",
+        "locust", *command, timeout=240, check=False,
     )  # fmt: skip
     say(f"headless locust: exit {done.returncode} in {time.monotonic() - began:.0f} s")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[loadtest] PASS rate" in done.stdout + done.stderr
     summary = json.loads((REPORT / "locust-summary.json").read_text())
-    assert summary["requests"] > 0 and summary["failures"] == 0, summary
+    assert summary["requests"] > 0, summary
+    assert summary["failures"] == 0, summary
     assert "<html" in (REPORT / "report.html").read_text()[:2000].lower()
     assert list(REPORT.glob("accepted-*.csv")), "no accepted ids written"
 
@@ -113,8 +123,11 @@ def test_loadtest_profile_web_ui_runs_and_writes_its_report(single: Compose) -> 
     single.run("--profile", "loadtest", "up", "-d", "--wait", "locust", timeout=240)
     ui = f"http://127.0.0.1:{single.api_port + 89}"
     assert httpx.get(ui, timeout=10).status_code == 200
-    started = httpx.post(f"{ui}/swarm", data={"user_count": 20, "spawn_rate": 20, "host": "http://api:8000"}, timeout=10)
-    assert started.status_code == 200 and started.json()["success"], started.text
+    started = httpx.post(
+        f"{ui}/swarm", data={"user_count": 20, "spawn_rate": 20, "host": "http://api:8000"}, timeout=10
+    )
+    assert started.status_code == 200, started.text
+    assert started.json()["success"], started.text
 
     def requests_made() -> bool:
         return int(httpx.get(f"{ui}/stats/requests", timeout=10).json()["stats"][-1]["num_requests"]) >= 100

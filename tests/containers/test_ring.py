@@ -75,10 +75,13 @@ def test_ring_has_three_nodes_and_replication_factor_3(session: Session, ips: di
     peers = {str(r.peer) for r in session.execute("SELECT peer FROM system.peers")}
     local = session.execute("SELECT broadcast_address FROM system.local").one().broadcast_address
     assert peers | {str(local)} == set(ips.values())
-    replication = session.execute(
-        "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = 'sluice'"
-    ).one().replication
-    assert replication["class"].endswith("NetworkTopologyStrategy") and replication["datacenter1"] == "3"
+    replication = (
+        session.execute("SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = 'sluice'")
+        .one()
+        .replication
+    )
+    assert replication["class"].endswith("NetworkTopologyStrategy")
+    assert replication["datacenter1"] == "3"
 
 
 def assert_api_kept_answering(load: Load) -> None:
