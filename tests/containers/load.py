@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -23,8 +26,8 @@ import httpx
 from cassandra import ConsistencyLevel
 from cassandra.cluster import Session
 from cassandra.concurrent import execute_concurrent_with_args
-from cassandra.query import SimpleStatement
 
+from devstack import PROJECT
 from tests.history import Failure, History
 from tests.support import booking, view, wait_until
 
@@ -43,29 +46,75 @@ class Load:
     bad_answers: list[str] = field(default_factory=list)
     sent_requests: int = 0
 
+    def to_json(self) -> str:
+        h = self.history
+        return json.dumps(
+            {
+                "ok": sorted(h.ok),
+                "unknown": sorted(h.unknown),
+                "failed": [asdict(f) for f in h.failed.values()],
+                "partitions": {i: [listing, day.isoformat()] for i, (listing, day) in self.partitions.items()},
+                "requests": dict(self.requests),
+                "bad_answers": self.bad_answers,
+                "sent_requests": self.sent_requests,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Load:
+        data = json.loads(text)
+        history = History(ok=set(data["ok"]), unknown=set(data["unknown"]))
+        history.failed = {f["event_id"]: Failure(**f) for f in data["failed"]}
+        return cls(
+            history=history,
+            partitions={i: (listing, dt.date.fromisoformat(day)) for i, (listing, day) in data["partitions"].items()},
+            requests=Counter(data["requests"]),
+            bad_answers=data["bad_answers"],
+            sent_requests=data["sent_requests"],
+        )
+
 
 class SteadyLoad:
-    """Posts fresh events at ``rate`` requests per second, every ``batch_every``-th request a batch."""
+    """Posts fresh events at ``rate`` requests per second, every ``batch_every``-th request a batch.
+
+    The requests go out from a child process (``python -m tests.containers.load``): with a GIL of its own, the
+    schedule is not held up by the Cassandra driver's threads of the test, which read and sample meanwhile.
+    Closing its stdin stops it; it then waits for the requests in flight and prints what happened as JSON.
+    """
 
     def __init__(self, base_url: str, key: str, rate: float, batch_every: int = 10, batch_size: int = 10) -> None:
-        self.base_url, self.rate = base_url, rate
-        self.headers = {"Authorization": f"Bearer {key}"}
-        self.batch_every, self.batch_size = batch_every, batch_size
+        self.args = [base_url, key, str(rate), str(batch_every), str(batch_size)]
         self.load = Load()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="container-load", daemon=True)
+        self._proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> SteadyLoad:
-        self._thread.start()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.containers.load", *self.args],
+            cwd=PROJECT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
         return self
 
     def __exit__(self, *_: object) -> None:
         self.stop()
 
     def stop(self) -> Load:
-        self._stop.set()
-        self._thread.join(timeout=30)
+        if self._proc is not None:
+            out, _ = self._proc.communicate(timeout=60)
+            assert self._proc.returncode == 0, f"the load process failed ({self._proc.returncode})"
+            self.load = Load.from_json(out)
+            self._proc = None
         return self.load
+
+
+class _Generator:
+    """The load itself, in the child process."""
+
+    def __init__(self, base_url: str, key: str, rate: float, batch_every: int, batch_size: int) -> None:
+        self.base_url, self.rate = base_url, rate
+        self.headers = {"Authorization": f"Bearer {key}"}
+        self.batch_every, self.batch_size = batch_every, batch_size
+        self.load = Load()
+        self._stop = threading.Event()
 
     def _event(self, n: int) -> dict[str, Any]:
         # occurred_at a little in the past, on today's partition, so the rows land on many (listing, day) keys.
@@ -196,5 +245,14 @@ def check(load: Load, session: Session, settle_s: float = 120) -> dict[str, int]
     }
 
 
-def scan_statement(cql: str, consistency: int) -> SimpleStatement:
-    return SimpleStatement(cql, consistency_level=consistency)
+def main(argv: list[str]) -> None:
+    base_url, key, rate, batch_every, batch_size = argv
+    generator = _Generator(base_url, key, float(rate), int(batch_every), int(batch_size))
+    # The parent closes our stdin to stop the load.
+    threading.Thread(target=lambda: (sys.stdin.read(), generator._stop.set()), daemon=True).start()
+    asyncio.run(generator._run())
+    print(generator.load.to_json())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -40,13 +40,17 @@ def node_session(ip: str) -> tuple[Cluster, Session]:
     return cluster, cluster.connect("sluice")
 
 
-def pending_hints(ip: str) -> int:
-    """Hint files this node holds for other nodes (Cassandra 5.0's system_views.pending_hints)."""
-    cluster, session = node_session(ip)
-    try:
-        return sum(int(row.files or 0) for row in session.execute("SELECT files FROM system_views.pending_hints"))
-    finally:
-        cluster.shutdown()
+def hint_files(container: str) -> int:
+    """Hint files a node holds for its peers: written while a replica is down, deleted once delivered.
+
+    Read from the hints folder (the same path in the official image and ours): Cassandra 5.0's
+    system_views.pending_hints listed nothing here while the folder held hints.
+    """
+    out = subprocess.run(
+        ["docker", "exec", container, "sh", "-c", "ls /var/lib/cassandra/hints"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout  # fmt: skip
+    return sum(1 for name in out.split() if name.endswith(".hints"))
 
 
 def record(name: str, figures: dict[str, Any]) -> None:
@@ -72,8 +76,12 @@ def session(ring: Compose, ips: dict[str, str]) -> Iterator[Session]:
 
 
 def test_ring_has_three_nodes_and_replication_factor_3(session: Session, ips: dict[str, str]) -> None:
-    peers = {str(r.peer) for r in session.execute("SELECT peer FROM system.peers")}
-    local = session.execute("SELECT broadcast_address FROM system.local").one().broadcast_address
+    cluster, node1 = node_session(ips["cassandra"])  # peers and local from one and the same node
+    try:
+        peers = {str(r.peer) for r in node1.execute("SELECT peer FROM system.peers")}
+        local = node1.execute("SELECT broadcast_address FROM system.local").one().broadcast_address
+    finally:
+        cluster.shutdown()
     assert peers | {str(local)} == set(ips.values())
     replication = (
         session.execute("SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = 'sluice'")
@@ -85,6 +93,8 @@ def test_ring_has_three_nodes_and_replication_factor_3(session: Session, ips: di
 
 
 def assert_api_kept_answering(load: Load) -> None:
+    # Timeouts are the client's "unknown" (counted, never judged as lost); the API must have answered nearly all.
+    assert load.requests["202"] >= 0.99 * load.sent_requests, f"the API did not keep answering: {load.requests}"
     assert not load.bad_answers, f"answers other than 202 or 503 with Retry-After: {load.bad_answers[:5]}"
     refused = [f for f in load.history.failed.values() if f.status != 503 or not f.code.startswith("queue_")]
     assert not refused, f"{len(refused)} events refused without Redis being at fault, e.g. {refused[:2]}"
@@ -94,11 +104,12 @@ def test_node_killed_for_30_s_comes_back_and_catches_up(ring: Compose, session: 
     (node3,) = ring.ids("cassandra3")
     samples: list[tuple[float, int]] = []
     sampling = threading.Event()
+    peers = ring.ids("cassandra") + ring.ids("cassandra2")
 
-    def sample_hints() -> None:  # hints the two other nodes hold, every 2 s, from the kill until the end
-        while not sampling.wait(2):
+    def sample_hints() -> None:  # hints the two other nodes hold, every 3 s, from the kill until the end
+        while not sampling.wait(3):
             try:
-                samples.append((time.monotonic(), pending_hints(ips["cassandra"]) + pending_hints(ips["cassandra2"])))
+                samples.append((time.monotonic(), sum(hint_files(peer) for peer in peers)))
             except Exception as exc:  # a sample may fail while the ring is busy; the next one counts
                 say(f"  hint sample failed: {exc!r}")
 
@@ -142,6 +153,7 @@ def test_node_killed_for_30_s_comes_back_and_catches_up(ring: Compose, session: 
         done = time.monotonic()
     finally:
         sampling.set()
+        sampler.join()
         cluster.shutdown()
     hint_peak = max((n for _, n in samples), default=0)
     drained = next((t for t, n in samples if t > started and n == 0), None)
