@@ -101,4 +101,4 @@ if [ ! -s "$KEY_FILE" ]; then
   (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$KEY_FILE")
 fi
 say "ready. The API key is in $KEY_FILE: $(cat "$KEY_FILE")"
-say "  SLUICE_API_KEYS=\$(cat $KEY_FILE) docker compose up -d --wait --scale worker=3"
+say "  export SLUICE_API_KEYS=\$(cat $KEY_FILE); docker compose up -d --wait --scale worker=3"
