@@ -59,8 +59,11 @@ pytest: deps ## the test suite alone (starts its own Redis and Cassandra on test
 	@$(VENV)/bin/pytest -m "not containers" $(PYTEST_ARGS)
 
 containers: setup ## a Docker engine, compose v2 and every image compose names (local stand-ins where pulls fail)
-	@bash containers/engine.sh
-	@bash containers/images.sh
+	@export SLUICE_T0=$$(date +%s); bash containers/engine.sh engine && { \
+	  bash containers/engine.sh compose & compose=$$!; \
+	  bash containers/images.sh; images=$$?; \
+	  wait $$compose; built=$$?; \
+	  [ $$images = 0 ] && [ $$built = 0 ] || { echo "[containers] FAILED (images: $$images, compose: $$built)" >&2; exit 1; }; }
 
 containers-check: deps ## hadolint on the stand-ins' Dockerfiles, compose schema of compose.ring.yaml and the test override
 	@echo "[sluice] containers: hadolint stand-ins, compose schema of the ring and test overrides"
@@ -68,7 +71,7 @@ containers-check: deps ## hadolint on the stand-ins' Dockerfiles, compose schema
 	@$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec compose.ring.yaml tests/containers/compose.test.yaml
 
 container-test: containers ## the container suite: images, compose up/down, SIGTERM under load, the Cassandra ring
-	@$(VENV)/bin/pytest -m containers -p no:cacheprovider tests/containers $(PYTEST_ARGS)
+	@$(VENV)/bin/pytest -m containers -p no:cacheprovider -s -v tests/containers $(PYTEST_ARGS)
 
 loadtest: setup ## locust at a fixed rate against the running stack (starts one if none); ARGS="--rate 100 --duration 60"
 	@$(PY) -m loadtests.loadtest $(ARGS)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # A Docker engine and compose v2 on a machine that has neither; idempotent, and quick when both are there.
-#   - engine: Debian's docker.io (apt-get), started by hand (these machines have no systemd);
-#   - compose v2: not a Debian package, so it is built once from its Go module and cached in .cache/tools/,
-#     then installed as a CLI plugin.
+#   engine.sh engine    Debian's docker.io (apt-get), started by hand (these machines have no systemd);
+#   engine.sh compose   compose v2: not a Debian package, so it is built once from its Go module and cached in
+#                       .cache/containers/tools/, then installed as a CLI plugin;
+#   engine.sh           both. `make containers` runs the compose part beside the image builds (they need
+#                       only the engine), which hides most of the first build's minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . containers/lib.sh
@@ -13,7 +15,10 @@ LOGS=$CACHE/logs
 mkdir -p "$CACHE/tools" "$LOGS"
 
 engine_up() { docker version --format '{{.Server.Version}}' >/dev/null 2>&1; }
+what=${1:-all}
+case $what in engine|compose|all) ;; *) die "usage: engine.sh [engine|compose|all]" ;; esac
 
+if [ "$what" != compose ]; then
 if ! command -v dockerd >/dev/null 2>&1; then
   [ "$(id -u)" = 0 ] || die "no Docker engine; as root run: apt-get install -y docker.io"
   step "apt-get update" "$LOGS/apt-update.log" apt-get update
@@ -30,6 +35,8 @@ if ! engine_up; then
   engine_up || { tail -n 30 "$LOGS/dockerd.log" >&2; die "dockerd did not answer within 60 s"; }
 fi
 say "engine: Docker $(docker version --format '{{.Server.Version}}')"
+fi
+[ "$what" = engine ] && exit 0
 
 PLUGIN_DIR=${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins
 if ! docker compose version >/dev/null 2>&1; then

@@ -42,7 +42,8 @@ import_rootfs() {
   step "docker import $name" "$LOGS/import-${name//[:\/]/_}.log" \
     bash -c "tar -C '$root' -c . | docker import -c 'ENV LANG=C.UTF-8' \
       -c 'ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin' \
-      -c 'LABEL org.sluice.standin=true' ${IMPORT_CHANGES:-} - '$name'"
+      -c 'LABEL org.sluice.standin=true' -c 'LABEL org.sluice.standin.hash=${STANDIN_HASH:-}' \
+      ${IMPORT_CHANGES:-} - '$name'"
   rm -rf "$root"
 }
 
@@ -54,9 +55,10 @@ standin_python() {
 }
 
 standin_redis() {
-  import_rootfs sluice-standin/redis-base:latest redis-server
+  have sluice-standin/redis-base:latest || import_rootfs sluice-standin/redis-base:latest redis-server
   step "docker build $REDIS_IMAGE (stand-in)" "$LOGS/build-redis.log" \
-    docker build --label org.sluice.standin=true -t "$REDIS_IMAGE" containers/standin/redis
+    docker build --label org.sluice.standin=true --label "org.sluice.standin.hash=$STANDIN_HASH" \
+      -t "$REDIS_IMAGE" containers/standin/redis
 }
 
 standin_cassandra() {
@@ -65,21 +67,40 @@ standin_cassandra() {
   local ctx=$CACHE/ctx-cassandra
   rm -rf "$ctx" && cp -r containers/standin/cassandra "$ctx" && cp -r "$JARS" "$ctx/lib"
   step "docker build $CASSANDRA_IMAGE (stand-in)" "$LOGS/build-cassandra.log" \
-    docker build --label org.sluice.standin=true -t "$CASSANDRA_IMAGE" "$ctx"
+    docker build --label org.sluice.standin=true --label "org.sluice.standin.hash=$STANDIN_HASH" \
+      -t "$CASSANDRA_IMAGE" "$ctx"
   rm -rf "$ctx"
 }
 
-base_image() {
-  local image=$1 standin=$2
-  if have "$image"; then say "$image: present"; return; fi
-  if timeout 120 docker pull "$image" >"$LOGS/pull.log" 2>&1; then say "$image: pulled"; return; fi
-  say "$image: pull failed ($(tail -n 1 "$LOGS/pull.log" | cut -c1-90)); building a local stand-in"
-  "$standin"
+# What a stand-in is made from: an image built from older files is rebuilt (pulled images carry no such label).
+standin_hash() {
+  {
+    declare -f "$1"
+    if [ -d "containers/standin/$3" ]; then
+      (cd "containers/standin/$3" && find . -type f -print0 | sort -z | xargs -0 sha256sum)
+    fi
+  } | sha256sum | cut -c1-16
 }
 
-base_image "$PY_IMAGE" standin_python
-base_image "$REDIS_IMAGE" standin_redis
-base_image "$CASSANDRA_IMAGE" standin_cassandra
+base_image() {
+  local image=$1 standin=$2 hash; hash=$(standin_hash "$2" "$image" "$3")
+  if have "$image"; then
+    local labels standin_label label
+    labels='{{index .Config.Labels "org.sluice.standin"}} {{index .Config.Labels "org.sluice.standin.hash"}}'
+    read -r standin_label label <<<"$(docker image inspect --format "$labels" "$image")"
+    if [ "$standin_label" != true ] || [ "$label" = "$hash" ]; then say "$image: present"; return; fi
+    say "$image: a stand-in from older files ($label, now $hash); rebuilding it"
+    STANDIN_HASH=$hash "$standin"
+    return
+  fi
+  if timeout 120 docker pull "$image" >"$LOGS/pull.log" 2>&1; then say "$image: pulled"; return; fi
+  say "$image: pull failed ($(tail -n 1 "$LOGS/pull.log" | cut -c1-90)); building a local stand-in"
+  STANDIN_HASH=$hash "$standin"
+}
+
+base_image "$PY_IMAGE" standin_python python
+base_image "$REDIS_IMAGE" standin_redis redis
+base_image "$CASSANDRA_IMAGE" standin_cassandra cassandra
 
 # Our images. The builder stages may need a CA bundle to reach PyPI (SLUICE_BUILD_CA_FILE, else SSL_CERT_FILE);
 # it goes into containers/build-ca/, which only those stages read.

@@ -45,18 +45,8 @@ printf 'dc=%s\nrack=%s\nprefer_local=true\n' "${CASSANDRA_DC:-datacenter1}" "${C
   >"$conf/cassandra-rackdc.properties"
 
 heap=${MAX_HEAP_SIZE:-1G}
-# From Cassandra 5.0's conf/jvm17-server.options: Java 17's module system must open what Cassandra reflects on.
-jvm17=(-Djdk.attach.allowAttachSelf=true)
-for m in java.base/jdk.internal.misc java.management.rmi/com.sun.jmx.remote.internal.rmi java.rmi/sun.rmi.registry \
-         java.rmi/sun.rmi.server java.sql/java.sql java.base/java.lang.ref jdk.unsupported/sun.misc; do
-  jvm17+=("--add-exports=$m=ALL-UNNAMED")
-done
-for m in java.base/java.lang.module java.base/jdk.internal.loader java.base/jdk.internal.ref \
-         java.base/jdk.internal.reflect java.base/jdk.internal.math java.base/jdk.internal.module \
-         java.base/jdk.internal.util.jar jdk.management/com.sun.management.internal java.base/sun.nio.ch \
-         java.base/java.io java.base/java.lang.reflect java.base/java.lang java.base/java.util java.base/java.nio; do
-  jvm17+=("--add-opens=$m=ALL-UNNAMED")
-done
+# Java 17 module flags (jvm17.sh, shared with nodetool).
+. /opt/cassandra/conf/jvm17.sh
 # shellcheck disable=SC2086  # JVM_EXTRA_OPTS is a list of options, split on spaces as the official image does.
 exec java "-Xms$heap" "-Xmx$heap" -Xss256k -XX:+UseG1GC -XX:+ExitOnOutOfMemoryError -XX:+CrashOnOutOfMemoryError \
   -Djava.net.preferIPv4Stack=true "${jvm17[@]}" \
