@@ -20,16 +20,24 @@ ENV PIP_NO_CACHE_DIR=1 \
     UV_PYTHON=/usr/local/bin/python3.11 \
     UV_PROJECT_ENVIRONMENT=/opt/venv
 
-RUN pip install uv==0.13.8
+# Where PyPI is reached only through a TLS-inspecting proxy, `make containers` puts that CA bundle in
+# containers/build-ca/ca.crt; elsewhere the folder holds only a README. Only the builder stages read it: no
+# later stage copies /tmp/build-ca, so the runtime image never holds it (tests/containers checks).
+COPY containers/build-ca/ /tmp/build-ca/
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN if [ -f /tmp/build-ca/ca.crt ]; then export PIP_CERT=/tmp/build-ca/ca.crt; fi \
+ && pip install uv==0.13.8
 
 WORKDIR /src
 # Only the lock and the project file: this layer (the slow one) is rebuilt only when dependencies change.
 COPY pyproject.toml uv.lock ./
-RUN uv sync --frozen --no-install-project --no-default-groups
+RUN if [ -f /tmp/build-ca/ca.crt ]; then export SSL_CERT_FILE=/tmp/build-ca/ca.crt; fi \
+ && uv sync --frozen --no-install-project --no-default-groups
 
 # ---- builder-loadtest: the same plus the `dev` group (locust) for the compose `loadtest` profile ----
 FROM builder AS builder-loadtest
-RUN uv sync --frozen --no-install-project --no-default-groups --group dev
+RUN if [ -f /tmp/build-ca/ca.crt ]; then export SSL_CERT_FILE=/tmp/build-ca/ca.crt; fi \
+ && uv sync --frozen --no-install-project --no-default-groups --group dev
 
 # ---- base: the runtime OS layer shared by both final targets ----
 FROM python:3.11.13-slim-bookworm AS base

@@ -14,7 +14,7 @@ SYNCED := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml | cksum | cut -d' '
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: help up test setup deps lint format typecheck infra-check pytest loadtest bench chaos down clean
+.PHONY: help up test setup deps lint format typecheck infra-check pytest containers containers-check container-test loadtest bench chaos down clean
 
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,7 +37,7 @@ setup: deps ## deps, plus redis-server (apt-get if missing) and Cassandra's jars
 up: setup ## run Redis, Cassandra, the API on 127.0.0.1:8000 and a worker, in the foreground
 	@$(PY) -m devstack up
 
-test: setup lint typecheck infra-check pytest ## lint, type-check, validate infra and run every test on real servers
+test: setup lint typecheck infra-check containers-check pytest container-test ## lint, type-check, validate infra, every test on real servers, then in containers
 
 lint: deps ## ruff lint and format check
 	@echo "[sluice] ruff"
@@ -55,8 +55,23 @@ typecheck: deps ## mypy --strict on our packages
 infra-check: deps ## hadolint, compose schema, cfn-lint and checkov, all offline
 	@bash infra/validate.sh
 
-pytest: deps ## the test suite alone (starts its own Redis and Cassandra on test ports)
-	@$(VENV)/bin/pytest $(PYTEST_ARGS)
+pytest: deps ## the test suite alone (starts its own Redis and Cassandra on test ports), without the container suite
+	@$(VENV)/bin/pytest -m "not containers" $(PYTEST_ARGS)
+
+containers: setup ## a Docker engine, compose v2 and every image compose names (local stand-ins where pulls fail)
+	@export SLUICE_T0=$$(date +%s); bash containers/engine.sh engine && { \
+	  bash containers/engine.sh compose & compose=$$!; \
+	  bash containers/images.sh; images=$$?; \
+	  wait $$compose; built=$$?; \
+	  [ $$images = 0 ] && [ $$built = 0 ] || { echo "[containers] FAILED (images: $$images, compose: $$built)" >&2; exit 1; }; }
+
+containers-check: deps ## hadolint on the stand-ins' Dockerfiles, compose schema of compose.ring.yaml and the test override
+	@echo "[sluice] containers: hadolint stand-ins, compose schema of the ring and test overrides"
+	@$(VENV)/bin/hadolint --failure-threshold info containers/standin/*/Dockerfile
+	@$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec compose.ring.yaml tests/containers/compose.test.yaml
+
+container-test: containers ## the container suite: images, compose up/down, SIGTERM under load, the Cassandra ring
+	@$(VENV)/bin/pytest -m containers -p no:cacheprovider -s -v tests/containers $(PYTEST_ARGS)
 
 loadtest: setup ## locust at a fixed rate against the running stack (starts one if none); ARGS="--rate 100 --duration 60"
 	@$(PY) -m loadtests.loadtest $(ARGS)

@@ -92,3 +92,4 @@ class RestoreUnacked(bootsteps.StartStopStep):
 
 
 app.steps["worker"].add(RestoreUnacked)
+app.steps["consumer"].add("worker.liveness:Heartbeat")  # liveness file for healthchecks
