@@ -38,7 +38,9 @@ class Run:
         self.api = api
         base = random.randrange(10**12, 2 * 10**12)
         self.listings = [base, base + 1, base + 2]
-        now = dt.datetime.now(dt.UTC).replace(microsecond=123_000)
+        # In the past: rows carry write timestamps derived from occurred_at, and a test's DELETE (stamped with the
+        # clock) must be newer than them to take effect.
+        now = dt.datetime.now(dt.UTC).replace(microsecond=123_000) - dt.timedelta(seconds=1)
         self.ledger = Ledger()
         self.events: list[dict[str, Any]] = []
         for i in range(12):
