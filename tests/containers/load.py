@@ -5,7 +5,7 @@ its accepted events), failed (a 4xx/5xx answer, or a refused connection: nothing
 timeout, another transport error, or the API's 504). The check then reads Cassandra: every event of an ok
 request has one row in ``events_by_id`` and one row with its ``event_id`` in its (listing_id, day) partition
 of ``events_by_listing_day`` (the partition is scanned, not point-read), and no event of a failed request is
-stored. The outcome classes are tests/history.py's, so both suites judge a request the same way.
+stored. A refusal is loadtests/workload.py's Failure, so both suites record a request the same way.
 """
 
 from __future__ import annotations
@@ -29,11 +29,24 @@ from cassandra.cluster import Session
 from cassandra.concurrent import execute_concurrent_with_args
 
 from devstack import PROJECT
-from tests.history import Failure, History
+from loadtests.workload import Failure
 from tests.support import booking, view, wait_until
 
 #: Every event of a run is on one of these listings, so each partition holds a few dozen rows to scan.
 LISTINGS = 400
+
+
+@dataclass
+class History:
+    """Each event's outcome: acknowledged (202), definitely refused (with the answer), or unknown."""
+
+    ok: set[str] = field(default_factory=set)
+    failed: dict[str, Failure] = field(default_factory=dict)
+    unknown: set[str] = field(default_factory=set)
+
+    @property
+    def sent(self) -> set[str]:
+        return self.ok | set(self.failed) | self.unknown
 
 
 @dataclass

@@ -115,7 +115,7 @@ def test_loadtest_profile_headless_writes_its_report(single: Compose) -> None:
     assert summary["requests"] > 0, summary
     assert summary["failures"] == 0, summary
     assert "<html" in (REPORT / "report.html").read_text()[:2000].lower()
-    assert list(REPORT.glob("accepted-*.csv")), "no accepted ids written"
+    assert list(REPORT.glob("accepted-*.jsonl")), "no accepted events written"
 
 
 def test_loadtest_profile_web_ui_runs_and_writes_its_report(single: Compose) -> None:
