@@ -106,10 +106,6 @@ class BatchingPublisher:
         self._unavailable_until = 0.0
         self._last_error = ""
 
-    @property
-    def pending_events(self) -> int:
-        return self._queued_events
-
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="sluice-publisher")
 

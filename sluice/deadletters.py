@@ -24,18 +24,6 @@ from sluice.events import event_id_of, fingerprint, queued_form, validate_event
 from sluice.marks import Marks, mark_value
 from sluice.metrics import DEAD_LETTERS
 
-#: Every kind of dead letter (the metric's label values).
-KINDS: Final = (
-    "write_failed",
-    "invalid_event",
-    "conflict",
-    "malformed_task",
-    "undecodable",
-    "unknown_task",
-    "invalid_message",
-    "unknown_format",
-)
-
 # KEYS: dead letters, marks hash, marks index. ARGV: id, fingerprint of the dead-lettered event ('' if none).
 # Deletes the record, and the event's mark only if it is this version's claim (not a newer version's mark).
 _PURGE = """#!lua
