@@ -82,6 +82,9 @@ def test_redis_never_evicts_and_a_full_redis_is_a_503(
     assert queue.config_get("appendonly") == {"appendonly": "yes"}
     assert queue.config_get("appendfsync") == {"appendfsync": "always"}
     before = queue.config_get("maxmemory")["maxmemory"]
+    # Something queued before Redis fills up: it is what must not be evicted. (With the limit lowered first,
+    # the API's memory check can refuse the very first request, and nothing would be there to watch.)
+    assert isolated_client.post("/v1/events/batch", json={"events": [view() for _ in range(50)]}).status_code == 202
     used = int(queue.info("memory")["used_memory"])
     queue.config_set("maxmemory", used + 200_000)
     try:
