@@ -48,17 +48,24 @@ class Profile:
         }
 
 
+#: ``SLUICE_PORT_OFFSET=N`` shifts every port of every profile by N, so two clones on one machine (each with
+#: its own ``.data/``) can run their servers and tests side by side.
+_O = int(os.environ.get("SLUICE_PORT_OFFSET", "0"))
+
 PROFILES = {
-    "dev": Profile("dev", redis_port=6380, cassandra_port=9042, storage_port=7000, jmx_port=7199, api_port=8000),
+    "dev": Profile(
+        "dev", redis_port=6380 + _O, cassandra_port=9042 + _O, storage_port=7000 + _O, jmx_port=7199 + _O,
+        api_port=8000 + _O,
+    ),
     "test": Profile(
-        "test", redis_port=16380, cassandra_port=19042, storage_port=17000, jmx_port=17199, api_port=18000,
-        heap_mb=768, redis_maxmemory="512mb",
+        "test", redis_port=16380 + _O, cassandra_port=19042 + _O, storage_port=17000 + _O, jmx_port=17199 + _O,
+        api_port=18000 + _O, heap_mb=768, redis_maxmemory="512mb",
     ),
     # The randomized fault run (make chaos, tests/test_chaos.py): it kills Redis and freezes Cassandra, so it
     # gets servers, ports and a data folder of its own and never disturbs a test run beside it.
     "chaos": Profile(
-        "chaos", redis_port=26380, cassandra_port=29042, storage_port=27000, jmx_port=27199, api_port=28000,
-        heap_mb=768, redis_maxmemory="512mb",
+        "chaos", redis_port=26380 + _O, cassandra_port=29042 + _O, storage_port=27000 + _O, jmx_port=27199 + _O,
+        api_port=28000 + _O, heap_mb=768, redis_maxmemory="512mb",
     ),
 }  # fmt: skip
 
