@@ -37,6 +37,10 @@ class QueueMonitor:
         self.drain_per_s = 0.0
         self._last: tuple[float, int] | None = None
 
+    def backlogged(self) -> bool:
+        """Messages wait in the queue: every worker is busy (each holds what it prefetched)."""
+        return self.depth > 0
+
     @property
     def memory_full(self) -> bool:
         return self.max_memory > 0 and self.used_memory >= self.memory_ratio * self.max_memory

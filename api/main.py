@@ -50,22 +50,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_timeout=settings.publish_timeout_s,
             socket_connect_timeout=settings.publish_timeout_s,
         )
+        redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_socket_timeout_s,
+            socket_connect_timeout=settings.redis_socket_timeout_s,
+        )
+        monitor = QueueMonitor(redis, settings.max_queue_depth, memory_ratio=settings.max_redis_memory_ratio)
         publisher = BatchingPublisher(
             AsyncMarks(publish_redis).enqueue,
             max_events=settings.publish_max_events,
             linger_s=settings.publish_linger_ms / 1000,
             deadline_s=settings.publish_timeout_s + 0.3,
             max_pending_events=settings.max_pending_events,
+            backlog_linger_s=settings.publish_backlog_linger_ms / 1000,
+            backlogged=monitor.backlogged,
+            concurrency=settings.publish_concurrency,
         )
         publisher.start()
-        redis = aioredis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.redis_socket_timeout_s,
-            socket_connect_timeout=settings.redis_socket_timeout_s,
-        )
         cassandra = CassandraHandle(settings)
         limiter = RateLimiter(redis, settings.rate_limit_per_s)
-        monitor = QueueMonitor(redis, settings.max_queue_depth, memory_ratio=settings.max_redis_memory_ratio)
         background = [
             asyncio.create_task(limiter.run(), name="sluice-ratelimit"),
             asyncio.create_task(monitor.run(), name="sluice-queue-monitor"),

@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     publish_max_events: int = Field(default=500, ge=1)
     #: How long the API waits for more concurrent requests before publishing a task, in milliseconds.
     publish_linger_ms: float = Field(default=2.0, ge=0)
+    #: How long the API waits to fill a message while messages wait in the queue (the workers are behind), in
+    #: milliseconds: there the wait is hidden behind the queue's, and fuller messages cost workers less per
+    #: event, so they catch up.
+    publish_backlog_linger_ms: float = Field(default=10.0, ge=0)
+    #: Messages one API process may have on their way to Redis at once: it goes on validating while Redis
+    #: runs a script and fsyncs, and Redis fsyncs scripts that arrive together once.
+    publish_concurrency: int = Field(default=4, ge=1, le=64)
     #: Socket timeout of the API's publish to Redis: a stalled Redis turns into a fast 503, not a hang.
     publish_timeout_s: float = Field(default=0.5, gt=0)
     #: API keys accepted in ``Authorization: Bearer <key>``, comma-separated. Required: the API will not

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -12,6 +13,7 @@ from cassandra.query import UNSET_VALUE
 
 from api.publisher import BatchingPublisher, Overloaded
 from sluice.events import EVENT_ADAPTER, BookingEvent, ViewEvent, queued_form, validate_event
+from sluice.marks import NEW
 from sluice.queue import make_celery
 from sluice.settings import Settings
 from tests.support import booking, view
@@ -126,6 +128,74 @@ def test_the_publisher_holds_a_bounded_number_of_events() -> None:
         await publisher.close()
 
     asyncio.run(run())
+
+
+def test_the_publisher_fills_messages_only_while_the_queue_has_a_backlog() -> None:
+    """One request at a time: a message each while workers keep up (no wait), one shared message while
+    messages wait in the queue (the backlog linger), which is what lets workers catch up."""
+
+    async def messages_for(backlogged: bool) -> tuple[list[int], float]:
+        sizes: list[int] = []
+
+        async def redis(message: dict[str, Any], marks: list[object]) -> list[str]:
+            sizes.append(len(marks))
+            return []
+
+        publisher = BatchingPublisher(redis, max_events=100, linger_s=0.5, deadline_s=5,
+                                      backlog_linger_s=0.3, backlogged=lambda: backlogged)  # fmt: skip
+        publisher.start()
+        started = time.monotonic()
+        first = await publisher.submit([{"event_id": "a0"}], ["f"], "r0") if not backlogged else None
+        quiet_s = time.monotonic() - started
+        tasks = []
+        for i in range(1, 6):
+            tasks.append(asyncio.create_task(publisher.submit([{"event_id": f"a{i}"}], ["f"], f"r{i}")))
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*tasks)
+        await publisher.close()
+        assert first in (None, [NEW])
+        return sizes, quiet_s
+
+    quiet, quiet_s = asyncio.run(messages_for(backlogged=False))
+    assert quiet_s < 0.25, "an idle API must not wait for company"
+    assert quiet == [1] * 6
+    behind, _ = asyncio.run(messages_for(backlogged=True))
+    assert sum(behind) == 5
+    assert len(behind) <= 2, behind
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_the_publisher_keeps_up_to_its_concurrency_of_messages_in_flight(concurrency: int) -> None:
+    """While Redis has not answered, the next requests go out in messages of their own, up to the limit;
+    past it they wait, and join one message once a slot frees."""
+
+    async def run() -> list[int]:
+        release = asyncio.Event()
+        in_flight: list[int] = []
+        sizes: list[int] = []
+
+        async def slow_redis(message: object, marks: list[object]) -> list[str]:
+            in_flight.append(len(marks))
+            await release.wait()
+            sizes.append(len(marks))
+            return []
+
+        publisher = BatchingPublisher(slow_redis, max_events=100, linger_s=0, deadline_s=5, concurrency=concurrency)
+        publisher.start()
+        tasks = []
+        for i in range(5):
+            tasks.append(asyncio.create_task(publisher.submit([{"event_id": f"e{i}"}], ["f"], f"r{i}")))
+            await asyncio.sleep(0.02)
+        assert len(in_flight) == concurrency, in_flight  # the rest wait for a slot
+        release.set()
+        assert await asyncio.gather(*tasks) == [[NEW]] * 5
+        await publisher.close()
+        return sizes
+
+    sizes = asyncio.run(run())
+    assert sum(sizes) == 5
+    # Requests that waited for a slot share the next message.
+    assert sizes == ([1] * concurrency + [5 - concurrency])
 
 
 def test_the_worker_converts_only_the_exact_queued_form_without_validating() -> None:
