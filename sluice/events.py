@@ -48,14 +48,16 @@ LATEST_DAY = dt.date(2199, 12, 31)
 
 
 def _in_time_range(value: dt.datetime, info: ValidationInfo) -> dt.datetime:
+    # In UTC from here on (the instant is the same; the stored form is UTC anyway): comparing and formatting
+    # datetimes that share dt.UTC skips a call to pydantic's offset object per operation, which took a fifth
+    # of the API's CPU on batches (py-spy, 2026-11-30).
+    value = value.astimezone(dt.UTC)
     if value < EARLIEST:
         raise ValueError("must not be before 2000-01-01T00:00:00Z")
-    # The API passes its clock and the allowed skew; the worker, judging an event already accepted, does not.
-    context = info.context or {}
-    if "max_future_s" in context:
-        limit = context["now"] + dt.timedelta(seconds=context["max_future_s"])
-        if value > limit:
-            raise ValueError(f"must not be more than {context['max_future_s']} s in the future")
+    # The API passes the latest instant its clock allows; the worker, judging an event already accepted, not.
+    context = info.context
+    if context is not None and value > context["latest"]:
+        raise ValueError(f"must not be more than {context['max_future_s']} s in the future")
     return value
 
 
@@ -136,7 +138,10 @@ def validate_event(
 
     ``max_future_s`` bounds how far ``occurred_at`` may lie ahead of our clock (the API sets it).
     """
-    context = None if max_future_s is None else {"now": dt.datetime.now(dt.UTC), "max_future_s": max_future_s}
+    context = None
+    if max_future_s is not None:
+        latest = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=max_future_s)
+        context = {"latest": latest, "max_future_s": max_future_s}
     try:
         return EVENT_ADAPTER.validate_python(raw, context=context)
     except ValidationError as exc:
@@ -176,9 +181,9 @@ def queued_form(event: ViewEvent | BookingEvent) -> dict[str, Any]:
 
 def iso_utc_ms(value: dt.datetime) -> str:
     """``2026-11-25T08:30:00.250Z``: UTC, milliseconds (an aware datetime, or a naive one meaning UTC)."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if value.tzinfo is not dt.UTC:  # validated events are in UTC already (see _in_time_range)
+        value = value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+    return value.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def fingerprint(queued: dict[str, Any]) -> str:
