@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -9,6 +14,7 @@ import httpx
 import pytest
 import redis
 
+from devstack import Profile, Servers
 from sluice import keys
 from tests.support import booking, view
 
@@ -172,3 +178,17 @@ def test_openapi_describes_the_contract(client: httpx.Client) -> None:
     booking_schema = doc["components"]["schemas"]["BookingEvent"]
     assert booking_schema["additionalProperties"] is False
     assert "guests" in booking_schema["required"]
+
+
+def test_the_api_exits_when_its_port_is_taken(servers: Servers, profile: Profile) -> None:
+    """A clear error and a non-zero exit, not a process that hangs (it did, under uvloop, with Redis up)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = os.environ | profile.service_env() | {"SLUICE_API_PORT": str(port), "SLUICE_API_KEYS": "k"}
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "api"], env=env, capture_output=True, timeout=30, check=False)
+    assert proc.returncode != 0
+    assert b"address already in use" in proc.stderr + proc.stdout
+    assert time.monotonic() - started < 20
