@@ -35,7 +35,9 @@ from devstack import Profile, Servers
 from loadtests.checker import Checker, Ledger
 from sluice import keys
 from sluice.client import AsyncClient, Client, FlushResult, QueueFull, Rejection, RetryPolicy, booking, view
+from sluice.client._events import prepare
 from sluice.client._retry import parse_retry_after
+from sluice.events import ViewEvent
 from tests.support import TEST_KEY, Service, start_api, start_worker, wait_until
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -123,6 +125,12 @@ def test_helpers_build_contract_v1_events() -> None:
                     total_price="449.70", currency="EUR", occurred_at=when)  # fmt: skip
     assert event["check_in"] == "2026-12-01"
     assert event["total_price"] == "449.70"
+    # The API's own model is taken as it is (tests may import pydantic; producers need not).
+    model = ViewEvent.model_validate({"event_id": str(uuid.uuid4()), "type": "view", "listing_id": 1, "user_id": 2,
+                                      "occurred_at": "2026-11-25T09:30:00Z"})  # fmt: skip
+    eid, data, encoded = prepare(model)
+    assert eid == model.event_id
+    assert orjson.loads(encoded) == data == model.model_dump(mode="json")
     with pytest.raises(ValueError, match="timezone-aware"):
         view(listing_id=1, user_id=2, occurred_at=dt.datetime(2026, 1, 1))
     with pytest.raises(TypeError, match="float"):

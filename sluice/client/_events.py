@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -85,8 +86,7 @@ def prepare(event: Event) -> tuple[UUID, dict[str, Any], bytes]:
     background (as does an ``event_id`` that is not a UUID: ``ValueError``). A pydantic model (e.g.
     ``sluice.events.ViewEvent``) is taken through its ``model_dump``.
     """
-    dump = getattr(event, "model_dump", None)
-    data: dict[str, Any] = dict(dump(mode="json") if callable(dump) else event)
+    data = dict(event) if isinstance(event, Mapping) else event.model_dump(mode="json")
     raw_id = data.get("event_id")
     # A malformed id is refused here rather than by the API: without a UUID the producer could not tell
     # which event a rejection is about.

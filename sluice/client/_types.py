@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias
 from uuid import UUID
 
-#: An event as the producer gives it: a JSON-ready mapping (``view(...)``, ``booking(...)``, or a plain dict).
-Event: TypeAlias = Mapping[str, Any]
+
+class Model(Protocol):
+    """A pydantic model, such as the API's own ``sluice.events.ViewEvent`` (not imported: producers need not
+    install pydantic)."""
+
+    def model_dump(self, *, mode: str) -> dict[str, Any]: ...
+
+
+#: An event as the producer gives it: a JSON-ready mapping (``view(...)``, ``booking(...)``, a plain dict) or a
+#: pydantic model of one.
+Event: TypeAlias = Mapping[str, Any] | Model
 
 #: What ``send`` does when ``max_queued_events`` events are already waiting for an answer.
 QueuePolicy: TypeAlias = Literal["block", "raise", "drop_new"]
