@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import email.utils
 import gzip
+import os
 import random
 import signal
 import subprocess
@@ -105,11 +106,13 @@ def ids_in(body: bytes) -> list[str]:
 
 
 def test_the_client_imports_without_the_servers_libraries() -> None:
-    # A producer installs httpx and orjson, not Celery, Redis, Cassandra's driver or pydantic.
+    # A producer installs httpx and orjson, not Celery, Redis, Cassandra's driver or pydantic; and the folder
+    # imports nothing else of Sluice, so it can be vendored on its own.
     code = (
         "import sys, sluice.client; "
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('celery', 'kombu', 'redis', 'cassandra', 'pydantic', 'fastapi', 'starlette')); "
+        "('celery', 'kombu', 'redis', 'cassandra', 'pydantic', 'fastapi', 'starlette') "
+        "or (m.startswith('sluice.') and not m.startswith('sluice.client'))); "
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -533,3 +536,19 @@ def test_redis_restarted_mid_stream(servers: Servers, cassandra: Session, profil
         worker.stop()
         api.stop()
         queue.close()
+
+
+def test_the_shell_example_sends_a_file_of_events(
+    isolated_api: Service, isolated_queue: redis.Redis, tmp_path: Path
+) -> None:
+    [listing] = listings()
+    events = [view(listing_id=listing, user_id=n + 1) for n in range(2500)]
+    bad = view(listing_id=listing, user_id=1, event_id=uuid.uuid4()) | {"user_id": "7"}
+    (tmp_path / "events.jsonl").write_bytes(b"\n".join(orjson.dumps(e) for e in [*events, bad]) + b"\n")
+    script = Path(__file__).resolve().parent.parent / "examples" / "send-jsonl.sh"
+    out = subprocess.run([str(script), str(tmp_path / "events.jsonl"), isolated_api.base_url], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "SLUICE_API_KEY": TEST_KEY})  # fmt: skip
+    assert out.stdout.strip() == "2500 accepted, 1 rejected", out.stderr[-2000:]
+    assert out.returncode == 1
+    # The bad event is the 501st of the third batch: the API names it by its place in that batch.
+    assert out.stderr.startswith(f"{bad['event_id']} 422 invalid_event events.500.user_id: "), out.stderr

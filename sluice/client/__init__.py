@@ -11,11 +11,11 @@ Behaviour (batching, retries, ``Retry-After``, the queue's policy when full, wha
 docs/client.md.
 """
 
-from sluice.client._async import AsyncClient
-from sluice.client._events import booking, view
-from sluice.client._retry import RetryPolicy
-from sluice.client._sync import Client
-from sluice.client._types import (
+from ._async import AsyncClient
+from ._events import booking, view
+from ._retry import RetryPolicy
+from ._sync import Client
+from ._types import (
     ClientClosed,
     ErrorCallback,
     Event,

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from sluice.client._protocol import Item, batch_size
-from sluice.client._types import FlushResult
+from ._protocol import Item, batch_size
+from ._types import FlushResult
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from uuid import UUID
 
 import orjson
 
-from sluice.client._types import Event
+from ._types import Event
 
 
 def _timestamp(value: dt.datetime | str | None) -> str:

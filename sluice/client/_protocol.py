@@ -30,8 +30,8 @@ from uuid import UUID
 import httpx
 import orjson
 
-from sluice.client._retry import RetryPolicy, parse_retry_after
-from sluice.client._types import FlushResult, Rejection
+from ._retry import RetryPolicy, parse_retry_after
+from ._types import FlushResult, Rejection
 
 BATCH_PATH = "/v1/events/batch"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})

@@ -12,11 +12,11 @@ from uuid import UUID
 
 import httpx
 
-from sluice.client._buffer import Buffer, Limits
-from sluice.client._events import prepare
-from sluice.client._protocol import BATCH_PATH, Delivery, Item, Send, deliver
-from sluice.client._retry import RetryPolicy
-from sluice.client._types import (
+from ._buffer import Buffer, Limits
+from ._events import prepare
+from ._protocol import BATCH_PATH, Delivery, Item, Send, deliver
+from ._retry import RetryPolicy
+from ._types import (
     ClientClosed,
     ErrorCallback,
     Event,
