@@ -277,6 +277,54 @@ def test_a_rejection_handler_that_raises_does_not_stop_the_client() -> None:
     assert [(r.status, r.code) for r in first.rejected + second.rejected] == [(401, "unauthorized")] * 2
 
 
+def test_async_queue_policies_and_on_error() -> None:
+    # The API is held (the handler waits for a gate), so the client's queue fills and stays full.
+    reported: list[tuple[Rejection | QueueFull, list[dict[str, Any]]]] = []
+
+    async def run() -> None:
+        gate = asyncio.Event()
+
+        async def handler(request: httpx.Request) -> httpx.Response:
+            await gate.wait()
+            return accept_all(request)
+
+        def client(**options: Any) -> AsyncClient:
+            return AsyncClient("http://sluice.test", TEST_KEY, transport=httpx.MockTransport(handler),
+                               max_batch_events=5, max_queued_events=10, linger_s=0, **options)  # fmt: skip
+
+        async with client(when_full="raise") as c:
+            taken = [await c.send(view(listing_id=1, user_id=n + 1)) for n in range(10)]
+            with pytest.raises(QueueFull):
+                await c.send(view(listing_id=1, user_id=11))
+            gate.set()
+            assert sorted((await c.flush()).accepted) == sorted(taken)
+        gate.clear()
+
+        async with client(when_full="drop_new", on_error=lambda err, events: reported.append((err, events))) as c:
+            ids = [await c.send(view(listing_id=1, user_id=n + 1)) for n in range(15)]
+            gate.set()
+            result = await c.flush()
+        assert sorted(result.accepted) == sorted(ids[:10])
+        assert [(r.event_id, r.code) for r in result.rejected] == [(eid, "dropped") for eid in ids[10:]]
+        assert [UUID(events[0]["event_id"]) for _, events in reported] == ids[10:]
+        gate.clear()
+
+        async with client(block_timeout_s=0.2) as c:
+            for n in range(10):
+                await c.send(view(listing_id=1, user_id=n + 1))
+            began = time.monotonic()
+            with pytest.raises(QueueFull, match=r"after 0\.2 s"):
+                await c.send(view(listing_id=1, user_id=11))
+            assert time.monotonic() - began >= 0.2
+            # Room comes back as the API answers: a blocked send then goes through.
+            later = asyncio.get_running_loop().call_later(0.1, gate.set)
+            await c.send(view(listing_id=1, user_id=12))
+            later.cancel()
+            assert len((await c.flush()).accepted) == 11
+
+    asyncio.run(run())
+
+
 # --- the real stack ---------------------------------------------------------------------------------------
 
 
