@@ -182,6 +182,21 @@ class Bench:
             say(f"  queue holds {waiting} messages ({unacked} unacknowledged): waiting for it to drain")
             self.settle(120)
 
+    def quiesce(self, idle_cores: float = 0.15, timeout: float = 30.0) -> None:
+        """Wait until Cassandra is idle (below ``idle_cores`` over half a second): the flushes and compactions
+        a phase leaves behind would otherwise be billed to the next phase's CPU and throughput."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            before = self.stack.processes.cpu_by_role()["cassandra"]
+            time.sleep(0.5)
+            busy = (self.stack.processes.cpu_by_role()["cassandra"] - before) / 0.5
+            if busy < idle_cores:
+                took = time.monotonic() - started
+                if took > 1:
+                    say(f"  Cassandra idle after {took:.1f} s (finishing the last phase's flushes and compactions)")
+                return
+        say(f"  Cassandra still busy after {timeout:g} s; measuring anyway")
+
     # --- phases ------------------------------------------------------------------------------------------
     def warmup(self) -> None:
         """Warm every JIT and cache on the path before anything is measured: a cold Cassandra made the first
@@ -218,6 +233,7 @@ class Bench:
         say(f"phase ceiling: {events:,} events (both tables) by the driver's best path, 2 processes, no pipeline;"
             " then as many with the worker's first-write-wins read")  # fmt: skip
         self.ensure_empty_queue()
+        self.quiesce()
         out = measure(Settings(cassandra_port=self.stack.processes.cassandra_port), events,
                       listings=self.args.listings, meter=self.meter)  # fmt: skip
         plain, with_read = out.pop("cpu")
@@ -345,6 +361,7 @@ class Bench:
         count = max(1, int(events) // 100)
         say(f"phase 3/4 batches: {count} x POST /v1/events/batch of 100 events, {a.batch_connections} connections")
         self.ensure_empty_queue()
+        self.quiesce()
         requests, records = self.factory.batches(count, 100)
         statuses = array("H", bytes(2 * count))
         self.meter.start()
@@ -376,6 +393,7 @@ class Bench:
         count = max(1, a.fill_events // 100)
         say(f"phase 2/4 drain: stop consuming, queue {count * 100:,} events through the API, then start")
         self.ensure_empty_queue()
+        self.quiesce()
         self.stack.processes.sample()
         paused = False
         try:
