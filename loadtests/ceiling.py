@@ -37,7 +37,9 @@ def _rows(count: int, seed: int, listing_base: int) -> list[tuple[Any, ...]]:
                            now_ms - rng.randint(0, 2000), rng)  # fmt: skip
         row = parse_queued(queued_form(EVENT_ADAPTER.validate_python(event)))
         assert row is not None
-        rows.append((*row.values, accepted, row.timestamp_us))
+        # The worker's bind (worker/writer.py): values, accepted_at, write timestamp, TTL (0: none, the default
+        # retention; the ceiling measures writes, not expiry).
+        rows.append((*row.values, accepted, row.timestamp_us, 0))
     return rows
 
 

@@ -2,6 +2,9 @@
 
 The schema serves the two reads we have: one event by id, and one listing's events by day in time order.
 Every statement an event needs is prepared here once per session; API and worker both use :class:`Store`.
+The tables are made by the migrations in sluice/migrations/ (sluice/migrate.py); their columns beyond the
+common ones are the event types' fields (sluice/eventtypes.py), their TTL and compaction follow
+SLUICE_RETENTION_DAYS (docs/retention.md).
 """
 
 from __future__ import annotations
