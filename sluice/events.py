@@ -52,7 +52,8 @@ def _in_time_range(value: dt.datetime, info: ValidationInfo) -> dt.datetime:
         days = context["retention_days"]
         if value <= context["now"] - dt.timedelta(days=days):
             raise ValueError(
-                f"must be within the retention of {days} days (SLUICE_RETENTION_DAYS): older events are not stored"
+                f"must be within the retention of {days} day{'s' if days != 1 else ''} (SLUICE_RETENTION_DAYS): "
+                "older events are not stored"
             )
     return value
 

@@ -132,7 +132,7 @@ def test_an_event_older_than_the_retention_is_refused(rclient: httpx.Client) -> 
     assert answer.status_code == 422, answer.text
     [error] = answer.json()["error"]["details"]
     assert error["loc"] == ["occurred_at"]
-    assert "retention of 1 days" in error["msg"]
+    assert "must be within the retention of 1 day (SLUICE_RETENTION_DAYS)" in error["msg"]
     # In a batch, only that event is refused.
     fresh = view(occurred_at=iso_ms(dt.datetime.now(dt.UTC) - dt.timedelta(hours=23)))
     batch = rclient.post("/v1/events/batch", json={"events": [too_old, fresh]}).json()
