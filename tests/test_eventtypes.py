@@ -190,3 +190,22 @@ def test_search_metrics_count_under_their_own_label(api: Service, client: httpx.
     assert client.post("/v1/events", json=event).status_code == 202
     wait_until(lambda: written("search") >= before["search"] + 1, 30, "the search to be counted as written")
     assert written("booking") == before["booking"], "a search must never be counted as a booking"
+
+
+def test_an_optional_field_may_be_left_out_and_is_never_written_as_a_null() -> None:
+    """``required=False``: absent or null in the request, queued as null, left unset in Cassandra."""
+    from cassandra.query import UNSET_VALUE
+
+    from sluice.events import _model
+    from worker.writer import _optional
+
+    note = EventField("note", text(max_length=20), required=False)
+    model = _model(EventType("note", "NoteEvent", "A note.", "notes", (note,)))
+    bare = view(type="note")
+    assert queued_form(model.model_validate(bare))["note"] is None
+    assert queued_form(model.model_validate(bare | {"note": "hi"}))["note"] == "hi"
+    with pytest.raises(ValueError, match="at most 20 characters"):
+        model.model_validate(bare | {"note": "x" * 21})
+    load = _optional(note.kind.load)
+    assert load(None) is UNSET_VALUE
+    assert load("hi") == "hi"
