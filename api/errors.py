@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.responses import JSONResponse
+from sluice.cassandra import UnknownEventType
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,13 @@ def error_response(
 
 
 def store_read_failed(exc: Exception) -> ApiError:
-    """A read that Cassandra failed: the store's fault, not the caller's (503, retry later)."""
+    """A read that Cassandra failed: the store's fault, not the caller's (503, retry later).
+
+    A stored row of a type this release does not declare is no outage, and retrying will not help: 500, named,
+    rather than returning it as some other type or without its fields."""
+    if isinstance(exc, UnknownEventType):
+        log.error("%s", exc)
+        return ApiError(500, "unknown_event_type", str(exc))
     return ApiError(503, "store_unavailable", f"reading from Cassandra failed: {exc}", headers={"Retry-After": "2"})
 
 

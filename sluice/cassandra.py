@@ -2,6 +2,9 @@
 
 The schema serves the two reads we have: one event by id, and one listing's events by day in time order.
 Every statement an event needs is prepared here once per session; API and worker both use :class:`Store`.
+The tables are made by the migrations in sluice/migrations/ (sluice/migrate.py); their columns beyond the
+common ones are the event types' fields (sluice/eventtypes.py), their TTL and compaction follow
+SLUICE_RETENTION_DAYS (docs/retention.md).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import datetime as dt
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 from uuid import UUID
 
@@ -21,9 +23,10 @@ from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, R
 from cassandra.concurrent import execute_concurrent_with_args
 from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy, TokenAwarePolicy
 from cassandra.query import PreparedStatement
-from cassandra.util import Date
 
 from sluice.events import iso_utc_ms
+from sluice.eventtypes import BY_NAME, COMMON_FIELDS, TYPE_FIELDS
+from sluice.migrate import migrate, wait_for_agreement
 
 if TYPE_CHECKING:
     from sluice.settings import Settings
@@ -33,53 +36,105 @@ log = logging.getLogger(__name__)
 #: Ids per ``IN`` read: one round trip for a message's events without a coordinator fan-out that is too wide.
 _IN_CHUNK = 100
 
-EVENT_COLUMNS: Final = (
-    "event_id",
-    "type",
-    "listing_id",
-    "user_id",
-    "occurred_at",
-    "check_in",
-    "check_out",
-    "guests",
-    "total_price",
-    "currency",
-    "accepted_at",
-)
+#: The columns both tables share, in the order the worker binds them (after ``day``): the fields every event
+#: has, each declared type's own fields (sluice/eventtypes.py), and when the API accepted the event.
+EVENT_COLUMNS: Final = (*COMMON_FIELDS, *(f.name for f in TYPE_FIELDS), "accepted_at")
+
+#: The tables events live in (both hold every event; see the migrations in sluice/migrations/).
+EVENT_TABLES: Final = ("events_by_id", "events_by_listing_day")
+
+#: ``gc_grace_seconds`` with retention: every cell carries a TTL and nothing is ever deleted or overwritten
+#: with other values (first write wins, rewrites are identical), so an expired cell cannot be resurrected by
+#: a replica that missed it. The grace only has to outlive hints (max_hint_window, 3 h by default): a
+#: table's grace also bounds how long hints for it are kept. Without retention, Cassandra's default.
+GC_GRACE_WITH_RETENTION_S: Final = 3 * 3600
+GC_GRACE_DEFAULT_S: Final = 864_000
+#: About this many TWCS windows hold the retention (Cassandra's guidance: 20 to 50 windows).
+TWCS_WINDOWS: Final = 30
+_TWCS = "org.apache.cassandra.db.compaction.TimeWindowCompactionStrategy"
+_STCS = "org.apache.cassandra.db.compaction.SizeTieredCompactionStrategy"
 
 
-def schema_statements(keyspace: str, replication: dict[str, str | int]) -> list[str]:
-    """CQL that creates the keyspace and tables; idempotent (``IF NOT EXISTS``) so it can be re-run."""
-    replication_cql = "{" + ", ".join(f"'{k}': '{v}'" for k, v in replication.items()) + "}"
-    columns = """
-        type text,
-        user_id bigint,
-        check_in date,
-        check_out date,
-        guests int,
-        total_price decimal,
-        currency text,
-        accepted_at timestamp"""
-    return [
-        f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {replication_cql}",
-        # Written last for each event: its presence means the event is fully stored.
-        f"""CREATE TABLE IF NOT EXISTS {keyspace}.events_by_id (
-        event_id uuid PRIMARY KEY,
-        listing_id bigint,
-        occurred_at timestamp,
-        day date,{columns}
-        )""",
-        # One partition per listing and UTC day keeps partitions bounded and a day's events in time order.
-        f"""CREATE TABLE IF NOT EXISTS {keyspace}.events_by_listing_day (
-        listing_id bigint,
-        day date,
-        occurred_at timestamp,
-        event_id uuid,{columns},
-        PRIMARY KEY ((listing_id, day), occurred_at, event_id)
-        ) WITH CLUSTERING ORDER BY (occurred_at ASC, event_id ASC)
-          AND compaction = {{'class': 'TimeWindowCompactionStrategy',
-                             'compaction_window_unit': 'DAYS', 'compaction_window_size': 1}}""",
-    ]
+def twcs_window(retention_days: int) -> tuple[str, int]:
+    """The TWCS window (unit, size) for a retention: about 1/30 of it, in whole days, hours or minutes; one day
+    when events are kept forever (as before retention existed)."""
+    if not retention_days:
+        return "DAYS", 1
+    minutes = retention_days * 24 * 60 / TWCS_WINDOWS
+    if minutes >= 24 * 60:
+        return "DAYS", round(minutes / (24 * 60))
+    if minutes >= 60:
+        return "HOURS", round(minutes / 60)
+    return "MINUTES", round(minutes)
+
+
+def table_options(retention_days: int) -> dict[str, dict[str, Any]]:
+    """The options of both event tables that follow from SLUICE_RETENTION_DAYS (docs/retention.md).
+
+    With a retention, both tables use TWCS: every cell's write timestamp is its event's time and it expires
+    ``retention`` after that same time, so each window's SSTables expire together and are dropped whole.
+    ``default_time_to_live`` is a safety net for rows written by other means: the worker sets each write's
+    TTL itself, from the event's time. Without a retention, nothing expires: by-id keeps size-tiered
+    compaction (TWCS without expiry would leave one SSTable per window forever for every point read)."""
+    unit, size = twcs_window(retention_days)
+    twcs = {"class": _TWCS, "compaction_window_unit": unit, "compaction_window_size": str(size)}
+    by_id_compaction = twcs if retention_days else {"class": _STCS}
+    shared = {
+        "default_time_to_live": retention_days * 86_400,
+        "gc_grace_seconds": GC_GRACE_WITH_RETENTION_S if retention_days else GC_GRACE_DEFAULT_S,
+    }
+    return {
+        "events_by_id": {**shared, "compaction": by_id_compaction},
+        "events_by_listing_day": {**shared, "compaction": twcs},
+    }
+
+
+def _differs(wanted: dict[str, Any], current: Any) -> bool:
+    for name, value in wanted.items():
+        have = getattr(current, name)
+        if isinstance(value, dict):
+            have = dict(have or {})
+            if any(str(have.get(k)).rsplit(".", 1)[-1] != v.rsplit(".", 1)[-1] for k, v in value.items()):
+                return True
+        elif have != value:
+            return True
+    return False
+
+
+def apply_retention(session: Session, keyspace: str, retention_days: int) -> list[str]:
+    """Set the tables' retention options where they differ; the tables altered.
+
+    Not a migration: the values follow a setting, not the code, and ALTERing a table to the options it has is
+    idempotent, so two processes doing it at once agree."""
+    altered = []
+    for table, wanted in table_options(retention_days).items():
+        current = session.execute(
+            "SELECT default_time_to_live, gc_grace_seconds, compaction FROM system_schema.tables"
+            " WHERE keyspace_name = %s AND table_name = %s",
+            (keyspace, table),
+            timeout=60,
+        ).one()
+        if current is None or not _differs(wanted, current):
+            continue
+        compaction = "{" + ", ".join(f"'{k}': '{v}'" for k, v in wanted["compaction"].items()) + "}"
+        session.execute(
+            f"ALTER TABLE {keyspace}.{table} WITH default_time_to_live = {wanted['default_time_to_live']}"
+            f" AND gc_grace_seconds = {wanted['gc_grace_seconds']} AND compaction = {compaction}",
+            timeout=60,
+        )
+        altered.append(table)
+    return altered
+
+
+def ttl_s(timestamp_us: int, retention_s: int, now_us: int) -> int:
+    """The TTL of a write so that its cells expire ``retention_s`` after the event's time (its write timestamp,
+    see :func:`write_timestamp_us`), not after the write: 0 (no TTL) without a retention.
+
+    Rounded up, so an event never expires early; at least 1 s (0 would mean *no* TTL): an event accepted
+    just inside the retention and written after it ran out lives one second."""
+    if not retention_s:
+        return 0
+    return max(1, -((now_us - timestamp_us - retention_s * 1_000_000) // 1_000_000))
 
 
 def connect(settings: Settings, *, keyspace: str | None = None) -> tuple[Cluster, Session]:
@@ -112,11 +167,13 @@ def connect(settings: Settings, *, keyspace: str | None = None) -> tuple[Cluster
 
 
 def apply_schema(session: Session, settings: Settings) -> None:
-    for statement in schema_statements(settings.cassandra_keyspace, settings.cassandra_replication):
-        session.execute(statement, timeout=60)
-    # Wait until every node agrees on the schema before anyone prepares statements against it.
-    if not session.cluster.control_connection.wait_for_schema_agreement(wait_time=60):
-        raise RuntimeError("Cassandra nodes did not reach schema agreement within 60 s")
+    """Bring the keyspace to the newest migration (sluice/migrate.py), then set the options that follow from
+    SLUICE_RETENTION_DAYS; every node agrees on the schema when this returns."""
+    applied = migrate(session, settings.cassandra_keyspace, settings.cassandra_replication)
+    if applied:
+        log.info("applied migrations %s to keyspace %s", applied, settings.cassandra_keyspace)
+    if apply_retention(session, settings.cassandra_keyspace, settings.retention_days):
+        wait_for_agreement(session)
 
 
 def write_timestamp_us(occurred_at: dt.datetime) -> int:
@@ -128,9 +185,14 @@ def write_timestamp_us(occurred_at: dt.datetime) -> int:
     return int(occurred_at.timestamp() * 1_000_000)
 
 
+class UnknownEventType(ValueError):
+    """A stored row's type is not in this release's registry (a newer release wrote it, or a bug)."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
-    """An event as read back from Cassandra."""
+    """An event as read back from Cassandra: the fields every event has, and its type's own (as the driver
+    read them; None where a column is unset)."""
 
     event_id: UUID
     type: str
@@ -138,11 +200,7 @@ class StoredEvent:
     user_id: int
     occurred_at: dt.datetime
     accepted_at: dt.datetime | None
-    check_in: dt.date | None
-    check_out: dt.date | None
-    guests: int | None
-    total_price: Decimal | None
-    currency: str | None
+    fields: dict[str, Any]
 
     def queued_form(self) -> dict[str, Any]:
         """The stored event in the queued form (sluice.events.queued_form), to compare with a new version."""
@@ -158,14 +216,9 @@ class StoredEvent:
             "user_id": self.user_id,
             "occurred_at": iso_utc_ms(self.occurred_at),
         }
-        if self.type == "booking":
-            out |= {
-                "check_in": self.check_in.isoformat() if self.check_in else None,
-                "check_out": self.check_out.isoformat() if self.check_out else None,
-                "guests": self.guests,
-                "total_price": str(self.total_price) if self.total_price is not None else None,
-                "currency": self.currency,
-            }
+        for f in BY_NAME[self.type].fields:  # _stored() checked the type
+            value = self.fields[f.name]
+            out[f.name] = None if value is None else f.kind.dump(value)
         out["accepted_at"] = iso_utc_ms(self.accepted_at) if self.accepted_at else None
         return out
 
@@ -173,17 +226,21 @@ class StoredEvent:
 class Store:
     """Prepared statements over one session. One per process; never shared across a fork."""
 
-    def __init__(self, cluster: Cluster, session: Session, keyspace: str) -> None:
+    def __init__(self, cluster: Cluster, session: Session, keyspace: str, *, retention_days: int = 0) -> None:
         self.cluster = cluster
         self.session = session
         self.keyspace = keyspace
+        #: How long after its event time an event is kept (0: forever); each write's TTL follows from it.
+        self.retention_s = retention_days * 86_400
         cols = ", ".join(EVENT_COLUMNS)
         marks = ", ".join("?" for _ in EVENT_COLUMNS)
+        # The TTL is bound per write (see ttl_s): it counts from the event's time, like the write timestamp.
         self.insert_by_listing: PreparedStatement = session.prepare(
-            f"INSERT INTO {keyspace}.events_by_listing_day (day, {cols}) VALUES (?, {marks}) USING TIMESTAMP ?"
+            f"INSERT INTO {keyspace}.events_by_listing_day (day, {cols}) VALUES (?, {marks})"
+            " USING TIMESTAMP ? AND TTL ?"
         )
         self.insert_by_id: PreparedStatement = session.prepare(
-            f"INSERT INTO {keyspace}.events_by_id (day, {cols}) VALUES (?, {marks}) USING TIMESTAMP ?"
+            f"INSERT INTO {keyspace}.events_by_id (day, {cols}) VALUES (?, {marks}) USING TIMESTAMP ? AND TTL ?"
         )
         self.select_by_id: PreparedStatement = session.prepare(
             f"SELECT {cols} FROM {keyspace}.events_by_id WHERE event_id = ?"
@@ -219,7 +276,7 @@ class Store:
     def open(cls, settings: Settings) -> Store:
         cluster, session = connect(settings)
         try:
-            return cls(cluster, session, settings.cassandra_keyspace)
+            return cls(cluster, session, settings.cassandra_keyspace, retention_days=settings.retention_days)
         except BaseException:
             cluster.shutdown()
             raise
@@ -231,8 +288,7 @@ class Store:
         rows = await aresult(self.session.execute_async(self.select_by_id, (event_id,)))
         if not rows:
             return None
-        values = {name: getattr(rows[0], name) for name in EVENT_COLUMNS}
-        return _stored(values)
+        return _stored(rows[0])
 
     def stored_versions(self, event_ids: Sequence[UUID], concurrency: int = 16) -> dict[UUID, StoredEvent]:
         """What is stored of these events (blocking; the worker's side), by id; raises if a read fails."""
@@ -245,7 +301,7 @@ class Store:
             if not ok:
                 raise rows
             for row in rows:
-                found[row.event_id] = _stored({name: getattr(row, name) for name in EVENT_COLUMNS})
+                found[row.event_id] = _stored(row)
         return found
 
     async def write_time(self, event_id: UUID) -> dt.datetime | None:
@@ -262,7 +318,7 @@ class Store:
         statement = self.select_day_from if inclusive else self.select_day_after
         params = (listing_id, day, after[0], after[1], before[0], before[1], limit)
         rows = await aresult(self.session.execute_async(statement, params))
-        return [_stored({name: getattr(row, name) for name in EVENT_COLUMNS}) for row in rows]
+        return [_stored(row) for row in rows]
 
     async def count_day(self, listing_id: int, day: dt.date, kind: str) -> int:
         rows = await aresult(self.session.execute_async(self.count_day_type, (listing_id, day, kind)))
@@ -273,12 +329,15 @@ class Store:
         return str(rows[0].release_version)
 
 
-def _stored(values: dict[str, Any]) -> StoredEvent:
-    for name in ("check_in", "check_out"):
-        # The driver's own Date type (it also holds days outside Python's range) -> datetime.date.
-        if isinstance(values[name], Date):
-            values[name] = values[name].date()
-    return StoredEvent(**values)
+def _stored(row: Any) -> StoredEvent:
+    kind = BY_NAME.get(row.type)
+    if kind is None:
+        # Counting it as some other type, or dropping its fields, would be silently wrong: refuse the row.
+        raise UnknownEventType(
+            f"event {row.event_id} is stored with type {row.type!r}, which this release does not know"
+        )
+    fields = {name: getattr(row, name) for name in kind.field_names}
+    return StoredEvent(row.event_id, row.type, row.listing_id, row.user_id, row.occurred_at, row.accepted_at, fields)
 
 
 def aresult(future: ResponseFuture) -> asyncio.Future[list[Any]]:

@@ -4,14 +4,17 @@ An event arrives as parsed JSON (``dict``) and is validated one at a time, so th
 judged on its own. Types are strict where JSON could smuggle a wrong type past a lax parser: ``"5"`` and
 ``true`` are not integers, a number is not a timestamp. Unknown fields are refused, which also refuses
 booking fields on a view.
+
+The models are built from the declarations in sluice/eventtypes.py (one per type); only the fields every
+event has are written out here.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from decimal import Decimal
-from typing import Annotated, Any, Literal, TypeAlias
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from uuid import UUID
 
 import orjson
@@ -23,28 +26,14 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictInt,
-    StrictStr,
     TypeAdapter,
     ValidationError,
     ValidationInfo,
+    create_model,
     model_validator,
 )
 
-#: Cassandra ``bigint`` bounds our identifiers.
-_MAX_ID = 2**63 - 1
-
-
-def _must_be_string(value: Any) -> Any:
-    # UUIDs, timestamps and dates travel as JSON strings; refuse numbers and booleans that a lax parser
-    # would turn into a date (an int is a Unix timestamp to pydantic) or a UUID.
-    if not isinstance(value, str):
-        raise ValueError("must be a string")
-    return value
-
-
-#: No event, stay or booking date before this (nor timestamps that would need negative write timestamps).
-EARLIEST = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
-LATEST_DAY = dt.date(2199, 12, 31)
+from sluice.eventtypes import EARLIEST, MAX_BIGINT, REGISTRY, TYPE_NAMES, EventType, must_be_string
 
 
 def _in_time_range(value: dt.datetime, info: ValidationInfo) -> dt.datetime:
@@ -54,73 +43,85 @@ def _in_time_range(value: dt.datetime, info: ValidationInfo) -> dt.datetime:
     value = value.astimezone(dt.UTC)
     if value < EARLIEST:
         raise ValueError("must not be before 2000-01-01T00:00:00Z")
-    # The API passes the latest instant its clock allows; the worker, judging an event already accepted, not.
+    # The API passes the latest instant its clock allows, and the retention's earliest; the worker, judging an
+    # event already accepted, passes neither.
     context = info.context
-    if context is not None and value > context["latest"]:
-        raise ValueError(f"must not be more than {context['max_future_s']} s in the future")
+    if context is not None:
+        if value > context["latest"]:
+            raise ValueError(f"must not be more than {context['max_future_s']} s in the future")
+        days = context["retention_days"]
+        if days and value <= context["expired"]:
+            # An event is kept SLUICE_RETENTION_DAYS after it occurred (docs/retention.md): one older than that
+            # would expire the moment it is stored, so the client hears it now rather than finding it gone.
+            raise ValueError(
+                f"must be within the retention of {days} day{'s' if days != 1 else ''} (SLUICE_RETENTION_DAYS): "
+                "older events are not stored"
+            )
     return value
 
 
-def _day_in_range(value: dt.date) -> dt.date:
-    if not EARLIEST.date() <= value <= LATEST_DAY:
-        raise ValueError("must be between 2000-01-01 and 2199-12-31")
-    return value
+Identifier = Annotated[StrictInt, Field(gt=0, le=MAX_BIGINT)]
+EventId = Annotated[UUID, BeforeValidator(must_be_string)]
+Timestamp = Annotated[AwareDatetime, BeforeValidator(must_be_string), AfterValidator(_in_time_range)]
 
 
-def _non_negative_decimal(value: str) -> str:
-    if Decimal(value) < 0:  # the pattern already guarantees a plain decimal literal
-        raise ValueError("must not be negative")
-    return value
+class EventBase(BaseModel):
+    """What every event has; each type's model (built from sluice/eventtypes.py) adds ``type`` and its own."""
 
-
-Identifier = Annotated[StrictInt, Field(gt=0, le=_MAX_ID)]
-EventId = Annotated[UUID, BeforeValidator(_must_be_string)]
-Timestamp = Annotated[AwareDatetime, BeforeValidator(_must_be_string), AfterValidator(_in_time_range)]
-Day = Annotated[dt.date, BeforeValidator(_must_be_string), AfterValidator(_day_in_range)]
-Price = Annotated[
-    StrictStr,
-    Field(pattern=r"^[0-9]{1,12}(\.[0-9]{1,4})?$", examples=["149.90"]),
-    AfterValidator(_non_negative_decimal),
-]
-Currency = Annotated[StrictStr, Field(pattern=r"^[A-Z]{3}$", examples=["EUR"])]
-
-
-class _EventBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     event_id: EventId = Field(description="Chosen by the client; the idempotency key.")
     listing_id: Identifier
     user_id: Identifier
     occurred_at: Timestamp = Field(description="RFC 3339 with an offset, e.g. 2026-11-25T09:30:00Z.")
+    if TYPE_CHECKING:  # each type's model declares it as a Literal of its name
+        type: str
 
 
-class ViewEvent(_EventBase):
-    """A user viewed a listing."""
-
-    type: Literal["view"]
-
-
-class BookingEvent(_EventBase):
-    """A user booked a listing."""
-
-    type: Literal["booking"]
-    check_in: Day
-    check_out: Day
-    guests: Annotated[StrictInt, Field(ge=1, le=50)]
-    total_price: Price = Field(description="Non-negative decimal string, up to 4 decimal places.")
-    currency: Currency = Field(description="ISO 4217 code, three capital letters.")
-
-    @model_validator(mode="after")
-    def _stay_is_forward(self) -> BookingEvent:
-        if self.check_out <= self.check_in:
-            raise ValueError("check_out must be after check_in")
+def _cross_check(rule: Callable[[Any], str | None]) -> Any:
+    def run(self: EventBase) -> EventBase:
+        problem = rule(self)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
+    return model_validator(mode="after")(run)
 
-Event: TypeAlias = Annotated[ViewEvent | BookingEvent, Field(discriminator="type")]
-EVENT_ADAPTER: TypeAdapter[ViewEvent | BookingEvent] = TypeAdapter(Event)
 
-EVENT_TYPES = ("view", "booking")
+def _model(kind: EventType) -> type[EventBase]:
+    """The pydantic model of one declared type: strict fields, unknown fields refused, its cross-field rule."""
+    fields: dict[str, Any] = {"type": (Literal[kind.name], ...)}
+    for f in kind.fields:
+        if f.required:
+            fields[f.name] = (f.kind.annotation, Field(description=f.description or None))
+        else:
+            fields[f.name] = (f.kind.annotation | None, Field(None, description=f.description or None))
+    validators = {"_check": _cross_check(kind.check)} if kind.check else None
+    return create_model(
+        kind.model_name,
+        __base__=EventBase,
+        __doc__=kind.doc,
+        __validators__=validators,
+        __module__=__name__,
+        **fields,
+    )
+
+
+#: Each type's model, by type name.
+MODELS: dict[str, type[EventBase]] = {kind.name: _model(kind) for kind in REGISTRY}
+ViewEvent = MODELS["view"]
+BookingEvent = MODELS["booking"]
+SearchEvent = MODELS["search"]
+
+#: Any event: a union of the models, discriminated by ``type`` (its OpenAPI schema is "Event"). Built at
+#: run time from the registry, so type checkers see the base every model shares.
+if TYPE_CHECKING:
+    Event = EventBase
+else:
+    Event = Annotated[Union[tuple(MODELS.values())], Field(discriminator="type")]  # noqa: UP007
+EVENT_ADAPTER: TypeAdapter[EventBase] = TypeAdapter(Event)
+
+EVENT_TYPES = TYPE_NAMES
 
 
 class FieldError(BaseModel):
@@ -132,16 +133,22 @@ class FieldError(BaseModel):
 
 
 def validate_event(
-    raw: Any, loc_prefix: tuple[str | int, ...] = (), *, max_future_s: int | None = None
-) -> ViewEvent | BookingEvent | list[FieldError]:
+    raw: Any, loc_prefix: tuple[str | int, ...] = (), *, max_future_s: int | None = None, retention_days: int = 0
+) -> EventBase | list[FieldError]:
     """Validate one decoded JSON event: the event, or the list of what is wrong with it.
 
-    ``max_future_s`` bounds how far ``occurred_at`` may lie ahead of our clock (the API sets it).
+    ``max_future_s`` bounds how far ``occurred_at`` may lie ahead of our clock, ``retention_days`` (0: keep
+    forever) how far behind it (the API sets both).
     """
     context = None
     if max_future_s is not None:
-        latest = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=max_future_s)
-        context = {"latest": latest, "max_future_s": max_future_s}
+        now = dt.datetime.now(dt.UTC)
+        context = {
+            "latest": now + dt.timedelta(seconds=max_future_s),
+            "max_future_s": max_future_s,
+            "retention_days": retention_days,
+            "expired": now - dt.timedelta(days=retention_days or 0),
+        }
     try:
         return EVENT_ADAPTER.validate_python(raw, context=context)
     except ValidationError as exc:
@@ -150,7 +157,7 @@ def validate_event(
 
 def _field_error(err: Any, loc_prefix: tuple[str | int, ...]) -> FieldError:
     loc = list(err["loc"])
-    # A discriminated union puts the chosen tag ("view"/"booking") first in the path; it is not a field.
+    # A discriminated union puts the chosen tag ("view", "booking", ...) first in the path; it is not a field.
     if loc and loc[0] in EVENT_TYPES:
         loc = loc[1:]
     elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
@@ -171,7 +178,7 @@ def event_id_of(raw: Any) -> str | None:
     return None
 
 
-def queued_form(event: ViewEvent | BookingEvent) -> dict[str, Any]:
+def queued_form(event: EventBase) -> dict[str, Any]:
     """The event as it travels on the queue and is stored: plain JSON, ``occurred_at`` in UTC at millisecond
     precision (what Cassandra keeps). Two posts that store the same row have the same queued form."""
     out = event.model_dump(mode="json")

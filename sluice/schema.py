@@ -1,7 +1,9 @@
 """Apply the Cassandra schema once: ``python -m sluice.schema``.
 
 Run by ``make up`` (and by the one-shot schema step in compose and on ECS) before any service starts;
-services never create tables themselves, because concurrent schema changes are not safe in Cassandra.
+services never create tables themselves, because concurrent schema changes are not safe in Cassandra. It
+applies the migrations the keyspace lacks (sluice/migrate.py), then the tables' retention options
+(SLUICE_RETENTION_DAYS); run twice, or twice at once, it changes nothing more.
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cluster.shutdown()
     log.info(
-        "schema applied to keyspace %s (replication %s)", settings.cassandra_keyspace, settings.cassandra_replication
+        "schema applied to keyspace %s (replication %s, retention %s days)",
+        settings.cassandra_keyspace,
+        settings.cassandra_replication,
+        settings.retention_days or "unlimited",
     )
     return 0
 

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     cassandra_request_timeout_s: float = Field(default=10.0, gt=0)
     #: Native protocol version: 5 for Cassandra 5.0, 4 for Amazon Keyspaces.
     cassandra_protocol_version: int = Field(default=5, ge=3, le=5)
+    #: Days an event is kept after its ``occurred_at`` (its cells' TTL counts from the event's time); 0 keeps
+    #: events forever. The API refuses events already older than this; the schema step sizes the tables'
+    #: compaction windows to it (docs/retention.md). At most 20 years, Cassandra's longest TTL.
+    retention_days: int = Field(default=0, ge=0, le=7300)
 
     # --- API ---------------------------------------------------------------------------------
     api_host: str = "127.0.0.1"

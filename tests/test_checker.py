@@ -72,7 +72,7 @@ class Run:
         assert not isinstance(model, list), model
         row = parse_queued(queued_form(model))
         assert row is not None
-        params = (*row.values, dt.datetime.now(dt.UTC), row.timestamp_us)
+        params = (*row.values, dt.datetime.now(dt.UTC), row.timestamp_us, 0)  # TTL 0: kept forever
         self.session.execute(self.store.insert_by_listing, params)
         if by_id:
             self.session.execute(self.store.insert_by_id, params)

@@ -12,7 +12,9 @@ import pytest
 from cassandra.query import UNSET_VALUE
 
 from api.publisher import BatchingPublisher, Overloaded
+from sluice.cassandra import EVENT_COLUMNS
 from sluice.events import EVENT_ADAPTER, BookingEvent, ViewEvent, queued_form, validate_event
+from sluice.eventtypes import TYPE_FIELDS
 from sluice.marks import NEW
 from sluice.queue import make_celery
 from sluice.settings import Settings
@@ -203,11 +205,16 @@ def test_the_worker_converts_only_the_exact_queued_form_without_validating() -> 
     good = queued_form(EVENT_ADAPTER.validate_python(booking()))
     row = parse_queued(good)
     assert row is not None
-    assert row.values[0].isoformat() == "2026-11-25"
-    assert row.values[-3:] == (2, Decimal("449.70"), "EUR")
+    # A row's values are bound to ``day`` and then the tables' columns up to the last type's fields.
+    names = ("day", *EVENT_COLUMNS[:-1])
+    columns = dict(zip(names, row.values, strict=True))
+    assert columns["day"].isoformat() == "2026-11-25"
+    assert (columns["guests"], columns["total_price"], columns["currency"]) == (2, Decimal("449.70"), "EUR")
+    # Other types' columns stay unset (never null: a null is a tombstone).
+    assert all(columns[f.name] is UNSET_VALUE for f in TYPE_FIELDS if f.name not in BookingEvent.model_fields)
     view_row = parse_queued(queued_form(EVENT_ADAPTER.validate_python(view())))
     assert view_row is not None
-    assert view_row.values[-5:] == (UNSET_VALUE,) * 5
+    assert view_row.values[-len(TYPE_FIELDS) :] == (UNSET_VALUE,) * len(TYPE_FIELDS)
     for bad in (
         good | {"occurred_at": "2026-11-25T09:30:00.250+01:00"},  # not the queued form: validate in full
         good | {"listing_id": "42"},

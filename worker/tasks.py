@@ -15,6 +15,7 @@ import datetime as dt
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -26,7 +27,7 @@ from sluice.deadletters import Item
 from sluice.events import queued_form, validate_event
 from sluice.marks import Marks
 from sluice.message import WRITE_EVENTS
-from sluice.metrics import EVENT_LAG, EVENTS_WRITTEN, TASK_RETRIES, WRITE_DURATION
+from sluice.metrics import EVENT_LAG, TASK_RETRIES, WRITE_DURATION, WRITTEN_BY_TYPE
 from sluice.queue import DELIVERY
 from worker.app import app, settings
 from worker.clients import clients
@@ -72,11 +73,8 @@ def _finish(stored: Sequence[Row], accepted_at: float) -> None:
 
     Best effort: a mark left behind is re-queued later by recovery and found stored (one read); a lost count
     only skews Retry-After."""
-    views = sum(1 for row in stored if row.type == "view")
-    if views:
-        EVENTS_WRITTEN.labels("view").inc(views)
-    if len(stored) > views:
-        EVENTS_WRITTEN.labels("booking").inc(len(stored) - views)
+    for kind, count in Counter(row.type for row in stored).items():
+        WRITTEN_BY_TYPE[kind].inc(count)  # a row's type is a declared one: parse_queued makes no other
     if stored:
         # One observation per message: its events share the moment the API accepted them.
         EVENT_LAG.observe(max(0.0, time.time() - accepted_at))

@@ -18,33 +18,60 @@ model validation per event); anything else goes through the full model (see work
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import InvalidOperation
 from typing import Any, Final
 
 from cassandra.concurrent import execute_concurrent
 from cassandra.query import UNSET_VALUE, BatchStatement, BatchType, BoundStatement, PreparedStatement
 
-from sluice.cassandra import Store, write_timestamp_us
+from sluice.cassandra import Store, ttl_s, write_timestamp_us
 from sluice.events import fingerprint
+from sluice.eventtypes import layouts
 
 #: Rows per unlogged batch: about 4 KiB of views, under Cassandra's default batch size warning (5 KiB).
 ROWS_PER_BATCH = 20
 
-_VIEW_FIELDS: Final = frozenset({"event_id", "type", "listing_id", "user_id", "occurred_at"})
-_BOOKING_FIELDS: Final = _VIEW_FIELDS | {"check_in", "check_out", "guests", "total_price", "currency"}
-#: A view has no booking columns: they are left *unset* (protocol v4+), not written as nulls, which would
-#: write five cell tombstones per view for compaction to carry and reads to skip.
-_NO_BOOKING: Final = (UNSET_VALUE,) * 5
+
+def _optional(load: Any) -> Any:
+    # An optional field the client left out is queued as null, and stays unset in Cassandra.
+    return lambda value: UNSET_VALUE if value is None else load(value)
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """How one event type's queued form becomes its columns (from sluice/eventtypes.py)."""
+
+    name: str
+    keys: frozenset[str]
+    #: The type's own fields and how each queued value converts to the value bound.
+    loads: tuple[tuple[str, Any], ...]
+    #: The other types' columns before and after this type's run: left *unset* (protocol v4+), not written
+    #: as nulls, which would write a cell tombstone per column for compaction to carry and reads to skip.
+    before: tuple[Any, ...]
+    after: tuple[Any, ...]
+
+
+_SHAPES: Final = {
+    name: _Shape(
+        name,
+        layout.keys,
+        tuple((f.name, f.kind.load if f.required else _optional(f.kind.load)) for f in layout.kind.fields),
+        (UNSET_VALUE,) * layout.before,
+        (UNSET_VALUE,) * layout.after,
+    )
+    for name, layout in layouts().items()
+}
 
 
 @dataclass(slots=True)
 class Row:
-    """One event, ready to write: its queued form, and the column values of both tables (from ``day`` to
-    ``currency``, the order of :data:`sluice.cassandra.EVENT_COLUMNS` after ``day``)."""
+    """One event, ready to write: its queued form, and the column values of both tables (``day``, then
+    :data:`sluice.cassandra.EVENT_COLUMNS` up to the last type's fields)."""
 
     event_id: uuid.UUID
     type: str
@@ -63,8 +90,9 @@ def parse_queued(raw: Any) -> Row | None:
     Checks shape and types only: the API validated the event before it queued it."""
     if type(raw) is not dict:
         return None
-    kind: str = raw["type"] if raw.get("type") in ("view", "booking") else ""
-    if raw.keys() != (_VIEW_FIELDS if kind == "view" else _BOOKING_FIELDS if kind == "booking" else None):
+    kind = raw.get("type")
+    shape = _SHAPES.get(kind) if type(kind) is str else None
+    if shape is None or raw.keys() != shape.keys:
         return None
     event_id, listing_id, user_id, occurred_text = (
         raw["event_id"],
@@ -80,18 +108,11 @@ def parse_queued(raw: Any) -> Row | None:
     try:
         uid = uuid.UUID(event_id)
         occurred = dt.datetime.fromisoformat(occurred_text)
-        if kind == "view":
-            stay: tuple[Any, ...] = _NO_BOOKING
-        else:
-            guests, currency = raw["guests"], raw["currency"]
-            if type(guests) is not int or type(currency) is not str or type(raw["total_price"]) is not str:
-                return None
-            check_in, check_out = dt.date.fromisoformat(raw["check_in"]), dt.date.fromisoformat(raw["check_out"])
-            stay = (check_in, check_out, guests, Decimal(raw["total_price"]), currency)
+        own = [load(raw[name]) for name, load in shape.loads]
     except (ValueError, TypeError, InvalidOperation):
         return None
-    values = (occurred.date(), uid, kind, listing_id, user_id, occurred, *stay)
-    return Row(uid, kind, raw, values, write_timestamp_us(occurred))
+    values = (occurred.date(), uid, shape.name, listing_id, user_id, occurred, *shape.before, *own, *shape.after)
+    return Row(uid, shape.name, raw, values, write_timestamp_us(occurred))
 
 
 @dataclass
@@ -140,7 +161,12 @@ class EventWriter:
         if not rows:
             return {}
         # Both tables take the same values in the same order: serialize each row once, for both statements.
-        by_listing = [self.store.insert_by_listing.bind((*row.values, accepted_at, row.timestamp_us)) for row in rows]
+        # Each row's TTL counts from its event's time (sluice.cassandra.ttl_s): 0, no TTL, without retention.
+        statement, retention_s, now_us = self.store.insert_by_listing, self.store.retention_s, time.time_ns() // 1000
+        by_listing = [
+            statement.bind((*row.values, accepted_at, row.timestamp_us, ttl_s(row.timestamp_us, retention_s, now_us)))
+            for row in rows
+        ]
         by_id = [_rebind(self.store.insert_by_id, bound) for bound in by_listing]
         # Phase 1: the listing-and-day rows. Phase 2: the by-id rows, only for events whose listing row is in,
         # so an event readable by id is fully stored.

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Any, Literal
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
 import orjson
 from asgi_correlation_id import correlation_id
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
 from api.body import read_json
 from api.deps import AUTHORIZED, QUEUE_HAS_ROOM, RATE_LIMITED, PublisherDep, ResourcesDep, SettingsDep, StoreDep, charge
@@ -19,18 +20,18 @@ from api.publisher import Overloaded, PublishError
 from api.responses import JSONResponse
 from sluice import keys
 from sluice.events import (
-    EVENT_TYPES,
-    BookingEvent,
+    Event,
+    EventBase,
     FieldError,
-    ViewEvent,
     event_id_of,
     fingerprint,
     iso_utc_ms,
     queued_form,
     validate_event,
 )
+from sluice.eventtypes import REGISTRY, TYPE_NAMES
 from sluice.marks import CONFLICT, NEW, parse_mark
-from sluice.metrics import EVENTS_ACCEPTED, EVENTS_REJECTED
+from sluice.metrics import ACCEPTED_BY_TYPE, REJECTED_BY_TYPE
 
 router = APIRouter(prefix="/v1", tags=["events"], dependencies=[AUTHORIZED])
 
@@ -51,21 +52,24 @@ class IngestResponse(BaseModel):
 
 
 class BatchRequest(BaseModel):
-    events: list[ViewEvent | BookingEvent] = Field(min_length=1, max_length=1000)
+    events: list[Event] = Field(min_length=1, max_length=1000)
 
 
-class StoredEventOut(BaseModel):
-    event_id: UUID
-    type: Literal["view", "booking"]
-    listing_id: int
-    user_id: int
-    occurred_at: str = Field(description="UTC, millisecond precision, as stored")
-    check_in: str | None = None
-    check_out: str | None = None
-    guests: int | None = None
-    total_price: str | None = None
-    currency: str | None = None
-    accepted_at: str | None = Field(default=None, description="When the API acknowledged the event (UTC)")
+#: An event as stored and read back (sluice.cassandra.StoredEvent.as_json): the fields every event has, and
+#: those of its type; the schema lists every declared type's fields, each optional.
+if TYPE_CHECKING:
+    StoredEventOut = BaseModel
+else:
+    StoredEventOut = create_model(
+        "StoredEventOut",
+        event_id=(UUID, ...),
+        type=(Literal[TYPE_NAMES], ...),
+        listing_id=(int, ...),
+        user_id=(int, ...),
+        occurred_at=(str, Field(description="UTC, millisecond precision, as stored")),
+        **{f.name: (f.kind.json_type | None, None) for kind in REGISTRY for f in kind.fields},
+        accepted_at=(str | None, Field(default=None, description="When the API acknowledged the event (UTC)")),
+    )
 
 
 class EventLocation(BaseModel):
@@ -125,7 +129,7 @@ def _batch_error(code: str, message: str, loc: list[str | int], kind: str, msg: 
 
 def _count_rejected(raw: Any) -> None:
     kind = raw.get("type") if isinstance(raw, dict) else None
-    EVENTS_REJECTED.labels(kind if kind in EVENT_TYPES else "unknown").inc()
+    REJECTED_BY_TYPE[kind if kind in TYPE_NAMES else "unknown"].inc()
 
 
 def _conflict_error(loc: list[str | int], event_id: str) -> dict[str, Any]:
@@ -133,7 +137,7 @@ def _conflict_error(loc: list[str | int], event_id: str) -> dict[str, Any]:
             "msg": f"event {event_id} is already queued with other content; the first version wins"}  # fmt: skip
 
 
-async def _queue(publisher: PublisherDep, events: list[ViewEvent | BookingEvent]) -> list[str]:
+async def _queue(publisher: PublisherDep, events: list[EventBase]) -> list[str]:
     """Queue the events with their marks; one status per event (NEW, DUPLICATE or CONFLICT)."""
     queued = [queued_form(event) for event in events]
     fingerprints = [fingerprint(item) for item in queued]
@@ -150,12 +154,9 @@ async def _queue(publisher: PublisherDep, events: list[ViewEvent | BookingEvent]
             504, "queue_timeout", f"{exc}; the events may or may not be queued: retry with the same event ids",
             headers={"Retry-After": "1"},
         ) from None  # fmt: skip
-    views = sum(1 for event, status in zip(queued, statuses, strict=True) if status == NEW and event["type"] == "view")
-    new = statuses.count(NEW)
-    if views:
-        EVENTS_ACCEPTED.labels("view").inc(views)
-    if new > views:
-        EVENTS_ACCEPTED.labels("booking").inc(new - views)
+    accepted = Counter(event["type"] for event, status in zip(queued, statuses, strict=True) if status == NEW)
+    for kind, count in accepted.items():
+        ACCEPTED_BY_TYPE[kind].inc(count)  # a validated event's type is a declared one
     return statuses
 
 
@@ -172,7 +173,7 @@ async def _queue(publisher: PublisherDep, events: list[ViewEvent | BookingEvent]
 async def post_event(request: Request, settings: SettingsDep, publisher: PublisherDep) -> JSONResponse:
     raw = await read_json(request, settings.max_body_bytes)
     charge(request, 1)
-    event = validate_event(raw, max_future_s=settings.max_clock_skew_s)
+    event = validate_event(raw, max_future_s=settings.max_clock_skew_s, retention_days=settings.retention_days)
     if isinstance(event, list):
         _count_rejected(raw)
         raise ApiError(422, "invalid_event", "the event is invalid", [e.model_dump() for e in event])
@@ -223,11 +224,12 @@ async def post_batch(request: Request, settings: SettingsDep, publisher: Publish
                            f"List should have at most {limit} items, not {len(items)}")  # fmt: skip
     charge(request, len(items))
 
-    valid: list[ViewEvent | BookingEvent] = []
+    valid: list[EventBase] = []
     results: list[dict[str, Any]] = []
     all_errors: list[dict[str, Any]] = []
     for index, item in enumerate(items):
-        outcome = validate_event(item, ("events", index), max_future_s=settings.max_clock_skew_s)
+        outcome = validate_event(item, ("events", index), max_future_s=settings.max_clock_skew_s,
+                                 retention_days=settings.retention_days)  # fmt: skip
         if isinstance(outcome, list):
             _count_rejected(item)
             errors = [e.model_dump() for e in outcome]

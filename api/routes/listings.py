@@ -8,18 +8,19 @@ import binascii
 import datetime as dt
 import hashlib
 import hmac
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from uuid import UUID
 
 import orjson
 from fastapi import APIRouter, Path, Query
-from pydantic import AwareDatetime, BaseModel
+from pydantic import AwareDatetime, BaseModel, create_model
 
 from api.deps import AUTHORIZED, RATE_LIMITED, ResourcesDep, StoreDep
 from api.errors import ApiError, store_read_failed
 from api.responses import JSONResponse
 from api.routes.events import AUTH_ERRORS, StoredEventOut, _errors
 from sluice.cassandra import Store
+from sluice.eventtypes import REGISTRY, TYPE_NAMES
 
 router = APIRouter(prefix="/v1/listings", tags=["listings"], dependencies=[AUTHORIZED, RATE_LIMITED])
 
@@ -45,17 +46,16 @@ class EventsPage(BaseModel):
     next_page_token: str | None
 
 
-class DayStats(BaseModel):
-    day: dt.date
-    views: int
-    bookings: int
-
-
-class Stats(BaseModel):
-    listing_id: int
-    days: list[DayStats]
-    views: int
-    bookings: int
+#: The counters of /stats: one per declared type, under its ``stats_key`` ("views", "bookings", ...).
+STATS_KEYS = tuple(kind.stats_key for kind in REGISTRY)
+if TYPE_CHECKING:
+    DayStats = BaseModel
+    Stats = BaseModel
+else:
+    DayStats = create_model("DayStats", day=(dt.date, ...), **dict.fromkeys(STATS_KEYS, (int, ...)))
+    Stats = create_model(
+        "Stats", listing_id=(int, ...), days=(list[DayStats], ...), **dict.fromkeys(STATS_KEYS, (int, ...))
+    )
 
 
 def _range(start: dt.datetime | None, end: dt.datetime | None) -> tuple[dt.datetime, dt.datetime]:
@@ -136,7 +136,7 @@ async def listing_events(
     listing_id: ListingId,
     store: StoreDep,
     resources: ResourcesDep,
-    type: Annotated[Literal["view", "booking"] | None, Query(description="Only events of this type")] = None,
+    type: Annotated[Literal[TYPE_NAMES] | None, Query(description="Only events of this type")] = None,  # type: ignore[valid-type]
     from_: Annotated[AwareDatetime | None, Query(alias="from", description="Inclusive; default: 'to' - 7 days")] = None,
     to: Annotated[AwareDatetime | None, Query(description="Exclusive; default: now")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -190,7 +190,7 @@ async def listing_events(
     "/{listing_id}/stats",
     response_model=Stats,
     responses=READ_ERRORS,
-    summary="Views and bookings of a listing per UTC day (exact: rows are counted, never counters)",
+    summary="Events of a listing per type and UTC day (exact: rows are counted, never counters)",
     operation_id="getListingStats",
 )
 async def listing_stats(
@@ -210,23 +210,20 @@ async def listing_stats(
     except Exception as exc:  # noqa: BLE001
         raise store_read_failed(exc) from None
     per_day = [
-        {"day": day.isoformat(), "views": views, "bookings": bookings}
-        for day, (views, bookings) in zip(days, counts, strict=True)
+        {"day": day.isoformat(), **dict(zip(STATS_KEYS, row, strict=True))}
+        for day, row in zip(days, counts, strict=True)
     ]
-    return JSONResponse({
-        "listing_id": listing_id, "days": per_day,
-        "views": sum(v for v, _ in counts), "bookings": sum(b for _, b in counts),
-    })  # fmt: skip
+    totals = {key: sum(row[i] for row in counts) for i, key in enumerate(STATS_KEYS)}
+    return JSONResponse({"listing_id": listing_id, "days": per_day, **totals})
 
 
-async def _count_days(store: Store, listing_id: int, days: list[dt.date]) -> list[tuple[int, int]]:
-    gate = asyncio.Semaphore(32)  # a 92-day range is 184 counts: keep a bounded number in flight
+async def _count_days(store: Store, listing_id: int, days: list[dt.date]) -> list[tuple[int, ...]]:
+    """Per day, the count of each declared type, in registry order (one count query per type and day)."""
+    gate = asyncio.Semaphore(32)  # a 92-day range is 92 counts per type: keep a bounded number in flight
 
     async def count(day: dt.date, kind: str) -> int:
         async with gate:
             return await store.count_day(listing_id, day, kind)
 
-    views = asyncio.gather(*(count(day, "view") for day in days))
-    bookings = asyncio.gather(*(count(day, "booking") for day in days))
-    v, b = await asyncio.gather(views, bookings)
-    return list(zip(v, b, strict=True))
+    per_type = await asyncio.gather(*(asyncio.gather(*(count(day, kind) for day in days)) for kind in TYPE_NAMES))
+    return list(zip(*per_type, strict=True))
