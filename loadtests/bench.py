@@ -11,8 +11,8 @@ reported. Phases, each checked end to end (every accepted event stored exactly o
    step that fails, then ``--refine`` bisections between the best pass and the first failure. A step passes
    when every request got 202, the achieved rate is >= 99% of the target, p99 < ``--p99-ms``, the queue is
    drained within ``--max-lag-s`` after the last request, and no event is lost or duplicated.
-2. drain: workers stopped (or, for a stack we did not start, told to stop consuming), the queue filled with
-   ``--fill-events`` through the API, workers started: events/s from the first message taken to drained.
+2. drain: workers told to stop consuming (remote control; they stay up and warm), the queue filled with
+   ``--fill-events`` through the API, consumers resumed: events/s from the first message taken to drained.
 3. batch: ``POST /v1/events/batch`` of 100 events, closed loop; events/s from the first request until the
    queue is drained. Sized to about ``--batch-s`` seconds of the drain rate just measured (at most
    ``--batch-events``), so a slow worker does not make the run overrun.
@@ -397,30 +397,28 @@ class Bench:
         self.stack.processes.sample()
         paused = False
         try:
-            if self.stack.external:
-                names = self.stack.pause_consumers()
-                paused = True
-                say(f"  told {len(names)} worker(s) of the running stack to stop consuming: {', '.join(names)}")
-            else:
-                self.stack.stop_workers()
+            # Paused, not stopped: restarted workers would bill their start (imports, connections: over a second
+            # of CPU) to the drain, and write its first messages cold.
+            names = self.stack.pause_consumers()
+            paused = True
+            say(f"  told {len(names)} worker(s) to stop consuming: {', '.join(names)}")
             requests, records = self.factory.batches(count, 100)
             statuses = array("H", bytes(2 * count))
             res = self.load(requests, rate=None, connections=a.batch_connections, max_seconds=90,
                             on_response=_recorder(statuses, all_accepted=True))  # fmt: skip
         except BaseException:
             if paused:
-                self.stack.resume_consumers()  # never leave someone else's workers idle
+                self.stack.resume_consumers()  # never leave the workers idle
             raise
         accepted = [rec for status, recs in zip(statuses, records, strict=True) if status == 202 for rec in recs]
         messages, _ = queue_depth(self.redis)
-        say(f"  queued {len(accepted):,} events in {messages} messages ({res.wall_s:.1f} s); starting consumers")
+        refused = {code: n for code, n in res.statuses.items() if code != 202}
+        say(f"  queued {len(accepted):,} events in {messages} messages ({res.wall_s:.1f} s)"
+            f"{f'; not accepted: {refused}' if refused else ''}; resuming consumers")  # fmt: skip
         profiler: subprocess.Popen[bytes] | None = None
         self.meter.start()
         started = time.perf_counter()
-        if self.stack.external:
-            self.stack.resume_consumers()
-        else:
-            self.stack.spawn_workers()
+        self.stack.resume_consumers()
         first_taken: float | None = None
         done: float | None = None
         next_note = started + 5
@@ -440,13 +438,9 @@ class Bench:
                 next_note = now + 5
             self.stack.check_workers()
             time.sleep(0.02)
-        # The restarted workers are new processes: find them before reading their CPU time.
-        self.stack.processes.refresh()
         usage = self.meter.stop()
         if profiler is not None:
             profiler.wait(60)
-        if not self.stack.external:
-            self.stack.wait_workers_ready()
         check = self.verify(accepted, done is not None)
         taken = first_taken or started
         out = {
@@ -457,6 +451,7 @@ class Bench:
             "drain_startup_s": round(taken - started, 2),
             "drain_s": None if done is None else round(done - taken, 2),
             "fill_api_events_per_s": round(len(accepted) / res.wall_s, 1),
+            "fill_not_accepted": refused,
             # Batches taken by the API alone, workers paused: what one API process accepts.
             "api_batch_events_per_s": round(len(accepted) / res.wall_s, 1),
             "drain_cpu_ms_per_event": cpu_per_event(usage, len(accepted)),

@@ -173,6 +173,9 @@ class Stack:
             "SLUICE_API_PORT": str(PROFILE.api_port),
             "SLUICE_API_KEYS": config.api_key,
             "SLUICE_LOG_LEVEL": config.log_level,
+            # The per-key rate limit (10,000 events/s by default) protects a shared API from one client; here it
+            # would cap what the runs measure (it capped the drain's fill at 10,000 events a second).
+            "SLUICE_RATE_LIMIT_PER_S": os.environ.get("SLUICE_RATE_LIMIT_PER_S", "10000000"),
         }
         if config.api_workers is not None:
             self.env["SLUICE_API_WORKERS"] = str(config.api_workers)
