@@ -1,4 +1,4 @@
-"""``python -m api``: serve the API with uvicorn on SLUICE_API_HOST:SLUICE_API_PORT."""
+"""``sluice api``: serve the API with uvicorn on SLUICE_API_HOST:SLUICE_API_PORT."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sluice.logs import setup_logging
 from sluice.settings import get_settings
 
 
-def main() -> None:
+def serve() -> None:
     # prometheus_client needs its multiprocess directory to exist before anything imports it.
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
@@ -28,7 +28,3 @@ def main() -> None:
         timeout_graceful_shutdown=20,
         log_config=None,
     )
-
-
-if __name__ == "__main__":
-    main()

@@ -162,5 +162,9 @@ def code_state() -> dict[str, Any]:
     return {"commit": git("rev-parse", "--short", "HEAD").strip(), "modified_files": dirty}
 
 
-def python() -> str:
-    return sys.executable
+def command_line(name: str) -> str:
+    """How this run was started, for its summary: ``sluice NAME ARGS``, whether through the CLI or ``python -m``."""
+    args = sys.argv[1:]
+    if args[:1] == [name]:  # sluice NAME ARGS
+        args = args[1:]
+    return " ".join(["sluice", name, *args])
