@@ -129,7 +129,7 @@ class Bench:
         self.stack = stack
         self.host, self.port = loopback_target(args.host)
         self.redis = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
-        self.checker = Checker()
+        self.checker = Checker(port=stack.processes.cassandra_port)
         self.factory = EventFactory(self.host, self.port, api_key, args.listings)
         self.meter = Meter(stack.processes)
         self.checked = 0

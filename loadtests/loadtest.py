@@ -196,7 +196,7 @@ def run(args: argparse.Namespace, stack: Stack, started: float) -> int:
     if drained_s is not None:
         say(f"queue drained {drained_s:.1f} s after the load stopped")
     say(f"checking {len(records):,} events in Cassandra (events_by_id and events_by_listing_day)")
-    with Checker() as checker:
+    with Checker(port=stack.processes.cassandra_port) as checker:
         checker.wait_stored_records(records, timeout=30 if drained_s is not None else 5)
         result = checker.check_accepted(records)
     dead = dead_letters(client) - dead_before
