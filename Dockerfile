@@ -43,15 +43,9 @@ RUN if [ -f /tmp/build-ca/ca.crt ]; then export SSL_CERT_FILE=/tmp/build-ca/ca.c
 
 # ---- builder-app: the project itself, installed (editable, at /app) for the `sluice` console script ----
 FROM builder AS builder-app
-# hatchling (the build backend) needs the readme and the packages pyproject.toml names; none of them ships
-# from here: the runtime stage copies its own code, and only /opt/venv (now with bin/sluice) from here.
+# An editable install is a path (/app, where the runtime stage puts the code) and the bin/sluice script: it
+# needs no code, only the readme the project's metadata names, so code changes never rebuild this layer.
 COPY README.md ./
-COPY sluice/ sluice/
-COPY api/ api/
-COPY worker/ worker/
-COPY devstack/ devstack/
-COPY loadtests/ loadtests/
-COPY infra/ infra/
 RUN if [ -f /tmp/build-ca/ca.crt ]; then export SSL_CERT_FILE=/tmp/build-ca/ca.crt; fi \
  && uv sync --frozen --no-default-groups
 
