@@ -46,3 +46,12 @@ def run(wait_s: float = 60.0) -> int:
         "schema applied to keyspace %s (replication %s)", settings.cassandra_keyspace, settings.cassandra_replication
     )
     return 0
+
+
+if __name__ == "__main__":
+    # The old `python -m sluice.schema`: the same as `sluice schema apply` (never a silent no-op).
+    import sys
+
+    from sluice.cli import main
+
+    sys.exit(main(["schema", "apply", *sys.argv[1:]]))
