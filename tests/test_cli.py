@@ -71,7 +71,15 @@ def test_the_console_script_and_the_old_entry_points_show_help_without_starting_
     assert top.returncode == 0, top.stderr
     assert "dlq" in top.stdout
     assert "schema" in top.stdout
-    for module in ("api", "worker", "worker.deadletters", "devstack"):
+    for module in (
+        "api",
+        "worker",
+        "worker.deadletters",
+        "worker.liveness",
+        "worker.cloudwatch",
+        "sluice.schema",
+        "devstack",
+    ):
         old = subprocess.run(
             [sys.executable, "-m", module, "--help"], cwd=PROJECT, capture_output=True, text=True, timeout=30
         )
