@@ -1,10 +1,11 @@
 # syntax=docker/dockerfile:1
 #
-# One image for the Sluice API and worker; the command picks the role:
-#   docker run IMAGE                                   -> API     (python -m api, the default CMD)
-#   docker run IMAGE python -m worker                  -> Celery worker
-#   docker run IMAGE python -m sluice.schema           -> one-shot schema step
-#   docker run IMAGE python -m worker.cloudwatch       -> queue-depth publisher (sidecar in ECS)
+# One image for the Sluice API and worker; the `sluice` command picks the role:
+#   docker run IMAGE                                   -> API     (sluice api, the default CMD)
+#   docker run IMAGE sluice worker                     -> Celery worker
+#   docker run IMAGE sluice schema apply               -> one-shot schema step
+#   docker run IMAGE sluice cloudwatch                 -> queue-depth publisher (sidecar in ECS)
+#   docker run IMAGE sluice --help                     -> the rest (dead letters, reads through the API)
 # Targets: `runtime` (the default, last stage) and `loadtest` (adds the dev group for locust; compose only).
 # No secret is baked in: every SLUICE_* secret comes from the environment at run time.
 
@@ -28,7 +29,8 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN if [ -f /tmp/build-ca/ca.crt ]; then export PIP_CERT=/tmp/build-ca/ca.crt; fi \
  && pip install uv==0.13.8
 
-WORKDIR /src
+# /app, where the runtime image keeps the code: the project's editable install (below) points there.
+WORKDIR /app
 # Only the lock and the project file: this layer (the slow one) is rebuilt only when dependencies change.
 COPY pyproject.toml uv.lock ./
 RUN if [ -f /tmp/build-ca/ca.crt ]; then export SSL_CERT_FILE=/tmp/build-ca/ca.crt; fi \
@@ -38,6 +40,14 @@ RUN if [ -f /tmp/build-ca/ca.crt ]; then export SSL_CERT_FILE=/tmp/build-ca/ca.c
 FROM builder AS builder-loadtest
 RUN if [ -f /tmp/build-ca/ca.crt ]; then export SSL_CERT_FILE=/tmp/build-ca/ca.crt; fi \
  && uv sync --frozen --no-install-project --no-default-groups --group dev
+
+# ---- builder-app: the project itself, installed (editable, at /app) for the `sluice` console script ----
+FROM builder AS builder-app
+# An editable install is a path (/app, where the runtime stage puts the code) and the bin/sluice script: it
+# needs no code, only the readme the project's metadata names, so code changes never rebuild this layer.
+COPY README.md ./
+RUN if [ -f /tmp/build-ca/ca.crt ]; then export SSL_CERT_FILE=/tmp/build-ca/ca.crt; fi \
+ && uv sync --frozen --no-default-groups
 
 # ---- base: the runtime OS layer shared by both final targets ----
 FROM python:3.11.13-slim-bookworm AS base
@@ -70,7 +80,7 @@ CMD ["locust", "-f", "loadtests/locustfile.py", "--host", "http://api:8000"]
 
 # ---- runtime: API, worker, schema step and CloudWatch publisher (the default target) ----
 FROM base AS runtime
-COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder-app /opt/venv /opt/venv
 # Code is owned by root and read-only for the service user; it is imported from PYTHONPATH=/app.
 COPY sluice/ sluice/
 COPY api/ api/
@@ -82,6 +92,6 @@ EXPOSE 8000
 # The API's liveness; the worker's task definition / compose service replaces it with its own check.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('SLUICE_API_PORT', '8000'), timeout=4)"]
-# Exec form: python is PID 1's child under the orchestrator's init (compose `init: true`, ECS
+# Exec form: sluice (python) is PID 1's child under the orchestrator's init (compose `init: true`, ECS
 # initProcessEnabled), so SIGTERM goes straight to uvicorn / Celery for a graceful or warm shutdown.
-CMD ["python", "-m", "api"]
+CMD ["sluice", "api"]

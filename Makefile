@@ -9,7 +9,8 @@ UV_VERSION := 0.13.8
 TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
-PY := $(VENV)/bin/python
+# The one command (sluice/cli.py, installed by `make deps`); `.venv/bin/sluice --help` lists what it does.
+SLUICE := $(VENV)/bin/sluice
 SYNCED := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml | cksum | cut -d' ' -f1)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
@@ -32,10 +33,10 @@ $(SYNCED): pyproject.toml uv.lock | $(UV)
 deps: $(SYNCED) ## install the locked Python dependencies into .venv
 
 setup: deps ## deps, plus redis-server (apt-get if missing) and Cassandra's jars (mvn, once)
-	@$(PY) -m devstack fetch
+	@$(SLUICE) dev fetch
 
 up: setup ## run Redis, Cassandra, the API on 127.0.0.1:8000 and a worker, in the foreground
-	@$(PY) -m devstack up
+	@$(SLUICE) dev up
 
 test: setup lint typecheck infra-check containers-check pytest container-test ## lint, type-check, validate infra, every test on real servers, then in containers
 
@@ -74,18 +75,18 @@ container-test: containers ## the container suite: images, compose up/down, SIGT
 	@$(VENV)/bin/pytest -m containers -p no:cacheprovider -s -v tests/containers $(PYTEST_ARGS)
 
 loadtest: setup ## locust at a fixed rate against the running stack (starts one if none); ARGS="--rate 100 --duration 60"
-	@$(PY) -m loadtests.loadtest $(ARGS)
+	@$(SLUICE) loadtest $(ARGS)
 
 bench: setup ## find how far the pipeline goes on this machine; writes build/bench/summary.json
-	@$(PY) -m loadtests.bench $(ARGS)
+	@$(SLUICE) bench $(ARGS)
 
 chaos: setup ## randomized faults under load, then the exactly-once check (10 min); ARGS="--duration 600 --rate 40 --seed N"
-	@$(PY) -m loadtests.chaos $(ARGS)
+	@$(SLUICE) chaos $(ARGS)
 
 down: deps ## stop servers a crashed run left behind
-	@$(PY) -m devstack down
-	@$(PY) -m devstack down --profile test
-	@$(PY) -m devstack down --profile chaos
+	@$(SLUICE) dev down
+	@$(SLUICE) dev down --profile test
+	@$(SLUICE) dev down --profile chaos
 
 clean: down ## remove data, caches and the virtualenv
 	rm -rf .data build $(VENV) $(TOOLS) .cache

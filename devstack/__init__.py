@@ -1,6 +1,7 @@
 """The project's own launcher for its real servers: Debian's redis-server and Apache Cassandra 5.0.
 
-Used by ``make up`` (``python -m devstack up``) and by the test suite alike. Each profile has its own ports
+Used by ``make up`` (``sluice dev up``, devstack/run.py) and by the test suite alike; devstack/services.py
+starts our own API and workers. Each profile has its own ports
 and data folder under ``.data/``, so a test run never collides with a running ``make up``.
 """
 

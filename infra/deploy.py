@@ -12,7 +12,7 @@ In order, waiting for each step and stopping at the first failure:
 3. stacks ``<env>-network``, ``<env>-cluster``, ``<env>-data``. The data stack's Cassandra helper image
    stays the one the ring runs (so a release never restarts the Cassandra nodes) unless
    ``--roll-cassandra-helper``; a new helper image is tagged ``cassandra-helper-<tag>``, which ECR keeps;
-4. the schema step: one ECS task ``python -m sluice.schema``, never two at once, must exit 0;
+4. the schema step: one ECS task ``sluice schema apply``, never two at once, must exit 0;
 5. stack ``<env>-services`` (API, workers, scaling, alarms, dashboard).
 
 Each stack is created, or updated when it exists (a stack left in ROLLBACK_COMPLETE by a failed first
@@ -510,7 +510,7 @@ async def run_schema(
     poll_seconds: float,
     timeout_seconds: float,
 ) -> str:
-    """Run ``python -m sluice.schema`` once as an ECS task and wait for it to exit 0; returns the task ARN."""
+    """Run ``sluice schema apply`` once as an ECS task and wait for it to exit 0; returns the task ARN."""
     family = task_family(task_definition)
     running = await ecs.list_tasks(cluster=cluster, family=family, desiredStatus="RUNNING")
     if running.get("taskArns"):

@@ -1,6 +1,6 @@
 """``make bench``: how far the pipeline goes on this machine, everything co-located, end to end into Cassandra.
 
-    .venv/bin/python -m loadtests.bench [--api-workers N] [--worker-concurrency N] [--worker-procs N] ...
+    .venv/bin/sluice bench [--api-workers N] [--worker-concurrency N] [--worker-procs N] ...
 
 Uses the stack answering on 127.0.0.1:8000, or starts one and stops it at the end (also on Ctrl-C). Load
 comes from a lean asyncio generator on raw keep-alive HTTP/1.1 connections (``loadtests/loadgen.py``):
@@ -53,6 +53,7 @@ from loadtests.common import (
     DEFAULT_HOST,
     PROJECT,
     code_state,
+    command_line,
     ignore_signals,
     loopback_target,
     raise_on_sigterm,
@@ -82,14 +83,14 @@ TARGETS: dict[str, tuple[str, float]] = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="sluice bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--host", default=DEFAULT_HOST, help=f"the API, on this machine only ({DEFAULT_HOST})")
     p.add_argument("--api-key", default=None, help="else $SLUICE_LOADTEST_API_KEY, .data/dev/api-key, 'dev-key'")
     g = p.add_argument_group("stack (when this run starts it)")
     g.add_argument("--api-workers", type=int, default=None, help="SLUICE_API_WORKERS (default: project's, 1)")
     g.add_argument("--worker-concurrency", type=int, default=None, help="SLUICE_WORKER_CONCURRENCY (default 2)")
-    g.add_argument("--worker-procs", type=int, default=1, help="`python -m worker` processes (1)")
+    g.add_argument("--worker-procs", type=int, default=1, help="`sluice worker` processes (1)")
     g = p.add_argument_group("phases")
     g.add_argument("--steps", default="250,500,1000,1500,2000,2500,3000,4000,5000",
                    help="single-event rates to try, requests/s")  # fmt: skip
@@ -128,7 +129,7 @@ class Bench:
         self.stack = stack
         self.host, self.port = loopback_target(args.host)
         self.redis = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
-        self.checker = Checker()
+        self.checker = Checker(port=stack.processes.cassandra_port)
         self.factory = EventFactory(self.host, self.port, api_key, args.listings)
         self.meter = Meter(stack.processes)
         self.checked = 0
@@ -628,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args, stack, api_key)
         summary: dict[str, Any] = {
             "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "command": " ".join(["python -m loadtests.bench", *sys.argv[1:]]),
+            "command": command_line("bench"),
             "configuration": described,
             "code": code_state(),
             "parameters": {k: v for k, v in vars(args).items() if k != "api_key"},

@@ -1,6 +1,6 @@
 """``make chaos``: a randomized fault run, Jepsen-style, then the exactly-once checker.
 
-    .venv/bin/python -m loadtests.chaos [--duration 600] [--rate 40] [--seed N] [--out build/chaos]
+    .venv/bin/sluice chaos [--duration 600] [--rate 40] [--seed N] [--out build/chaos]
 
 On the ``chaos`` profile (its own ports and data folder, so it runs beside ``make up`` and ``make test``) it
 starts Redis and Cassandra, the schema, the API and two workers as real processes (with the short test
@@ -40,7 +40,7 @@ import redis
 
 from devstack import PROFILES, Profile, Servers
 from loadtests.checker import Checker, Report, api_stats
-from loadtests.common import BUILD, PROJECT, code_state, ignore_signals, raise_on_sigterm, say
+from loadtests.common import BUILD, PROJECT, code_state, command_line, ignore_signals, raise_on_sigterm, say
 from loadtests.verify import dead_letters, queue_depth, wait_drained
 from loadtests.workload import Mix, Workload
 from sluice import keys
@@ -57,7 +57,7 @@ MUST_BE_ZERO = (
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtests.chaos", description=__doc__,
+    p = argparse.ArgumentParser(prog="sluice chaos", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--duration", type=float, default=600.0, help="seconds of load and faults (600)")
     p.add_argument("--rate", type=float, default=40.0, help="requests per second (40; batches hold 2..20 events)")
@@ -320,7 +320,7 @@ def finish(
         "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "pass": passed,
         "seed": seed,
-        "command": " ".join(["python -m loadtests.chaos", *sys.argv[1:]]),
+        "command": command_line("chaos"),
         "parameters": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "code": code_state(),
         "faults": dict(rig.faults),

@@ -19,7 +19,9 @@ from urllib.parse import urlsplit
 
 PROJECT = Path(__file__).resolve().parent.parent
 BUILD = PROJECT / "build"
-DEFAULT_HOST = "http://127.0.0.1:8000"
+#: The dev profile's API (devstack.PROFILES["dev"], which loadtests.stack starts), shifted like every port by
+#: SLUICE_PORT_OFFSET; not imported from devstack, which the loadtest image does not hold.
+DEFAULT_HOST = f"http://127.0.0.1:{8000 + int(os.environ.get('SLUICE_PORT_OFFSET', '0'))}"
 DEFAULT_API_KEY = "dev-key"
 API_KEY_ENV = "SLUICE_LOADTEST_API_KEY"
 API_KEY_FILE = PROJECT / ".data" / "dev" / "api-key"
@@ -162,5 +164,9 @@ def code_state() -> dict[str, Any]:
     return {"commit": git("rev-parse", "--short", "HEAD").strip(), "modified_files": dirty}
 
 
-def python() -> str:
-    return sys.executable
+def command_line(name: str) -> str:
+    """How this run was started, for its summary: ``sluice NAME ARGS``, whether through the CLI or ``python -m``."""
+    args = sys.argv[1:]
+    if args[:1] == [name]:  # sluice NAME ARGS
+        args = args[1:]
+    return " ".join(["sluice", name, *args])

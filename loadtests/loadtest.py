@@ -1,6 +1,6 @@
 """``make loadtest``: realistic traffic at a fixed rate, then proof that every accepted event is stored once.
 
-    .venv/bin/python -m loadtests.loadtest [--rate 100] [--duration 60] [--p99-ms 100] [--host URL] ...
+    .venv/bin/sluice loadtest [--rate 100] [--duration 60] [--p99-ms 100] [--host URL] ...
 
 1. Uses the stack answering on 127.0.0.1:8000, or starts one (and stops it at the end, also on Ctrl-C).
 2. After ``--warmup-s`` seconds of un-counted traffic, runs ``locust --headless`` on
@@ -40,6 +40,7 @@ from loadtests.common import (
     DEFAULT_HOST,
     PROJECT,
     code_state,
+    command_line,
     ignore_signals,
     loopback_target,
     raise_on_sigterm,
@@ -55,7 +56,7 @@ OUT = BUILD / "loadtest"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtests.loadtest", description=__doc__,
+    p = argparse.ArgumentParser(prog="sluice loadtest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--rate", type=float, default=100.0, help="requests per second, all users together (100)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load (60)")
@@ -74,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--api-key", default=None, help="else $SLUICE_LOADTEST_API_KEY, .data/dev/api-key, 'dev-key'")
     p.add_argument("--api-workers", type=int, default=None, help="SLUICE_API_WORKERS when starting a stack")
     p.add_argument("--worker-concurrency", type=int, default=None, help="SLUICE_WORKER_CONCURRENCY when starting")
-    p.add_argument("--worker-procs", type=int, default=1, help="`python -m worker` processes when starting (1)")
+    p.add_argument("--worker-procs", type=int, default=1, help="`sluice worker` processes when starting (1)")
     return p.parse_args(argv)
 
 
@@ -195,7 +196,7 @@ def run(args: argparse.Namespace, stack: Stack, started: float) -> int:
     if drained_s is not None:
         say(f"queue drained {drained_s:.1f} s after the load stopped")
     say(f"checking {len(records):,} events in Cassandra (events_by_id and events_by_listing_day)")
-    with Checker() as checker:
+    with Checker(port=stack.processes.cassandra_port) as checker:
         checker.wait_stored_records(records, timeout=30 if drained_s is not None else 5)
         result = checker.check_accepted(records)
     dead = dead_letters(client) - dead_before
@@ -230,7 +231,7 @@ def run(args: argparse.Namespace, stack: Stack, started: float) -> int:
     summary = {
         "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "pass": ok,
-        "command": " ".join(["python -m loadtests.loadtest", *sys.argv[1:]]),
+        "command": command_line("loadtest"),
         "parameters": {k: v for k, v in vars(args).items() if k != "api_key"},
         "stack": stack.describe(),
         "code": code_state(),

@@ -1,6 +1,6 @@
 """Realistic Sluice traffic for locust, with the pass/fail thresholds enforced through locust's own exit code.
 
-Run it through ``python -m loadtests.loadtest`` (``make loadtest``), which also starts a stack if none
+Run it through ``sluice loadtest`` (``make loadtest``), which also starts a stack if none
 answers and checks afterwards that every accepted event is stored exactly once. Directly::
 
     locust -f loadtests/locustfile.py --headless -u 50 -r 500 -t 60s --host http://127.0.0.1:8000 \\

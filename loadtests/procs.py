@@ -2,7 +2,7 @@
 
 Processes are found by what they do, not by name, so this works for a stack we started and for one that was
 already running: the API is whoever holds the listening socket of its port (uvicorn's supervisor and its
-workers all do); a worker instance is a ``python -m worker`` / celery process with a connection to the
+workers all do); a worker instance is a ``sluice worker`` / celery process with a connection to the
 Redis port, plus its pool children; Cassandra and Redis are whoever listens on their ports.
 """
 
@@ -12,6 +12,8 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from devstack.services import cmdline, service_role
 
 PROC = Path("/proc")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -62,13 +64,6 @@ def listening_pids(port: int) -> set[int]:
 
 def connected_pids(remote_port: int) -> set[int]:
     return _pids_with_sockets(_socket_inodes(remote_port, listening=False))
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 def parent_of(pid: int) -> int:
@@ -158,12 +153,11 @@ class StackProcesses:
         api_pids = {pid for c in self.api for pid in c.pids}
         mains: set[int] = set()
         for pid in connected_pids(self.redis_port) - skip - api_pids:
-            line = cmdline(pid)
-            if "-m worker" not in line and "celery" not in line:
+            if not _is_worker(cmdline(pid)):
                 continue
             # A pool child that talks to Redis itself (dead letters) belongs to its parent's instance.
             parent = parent_of(pid)
-            mains.add(parent if "-m worker" in cmdline(parent) or "celery" in cmdline(parent) else pid)
+            mains.add(parent if _is_worker(cmdline(parent)) else pid)
         self.workers = [
             self._keep(Component(f"worker pid {main}", [main, *sorted(children_of(main))])) for main in sorted(mains)
         ]
@@ -204,3 +198,7 @@ class StackProcesses:
 
 def describe(components: Iterable[Component]) -> str:
     return "; ".join(f"{c.name} ({len(c.pids)} processes)" for c in components)
+
+
+def _is_worker(line: str) -> bool:
+    return service_role(line) == "worker" or "celery" in line

@@ -1,18 +1,15 @@
 """The stack under test: the one answering on 127.0.0.1:8000, or one we start (and always stop) ourselves.
 
 Starting reuses devstack: Redis and Cassandra of the ``dev`` profile (reused when both already answer), the
-schema (``python -m sluice.schema``), then workers (``python -m worker``) and the API (``python -m api``) as
-child processes in their own sessions, logging to files under ``build/<command>/logs/``. Their pids are kept
-in ``build/<command>/run/`` so that a run killed hard does not leave an API behind that the next run would
+schema (``sluice schema apply``), then workers and the API through the service launcher
+(devstack/services.py), logging to files under ``build/<command>/logs/``. Their pids are kept in
+``build/<command>/run/`` so that a run killed hard does not leave an API behind that the next run would
 mistake for someone else's stack.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +19,10 @@ from typing import Any
 import httpx
 import redis
 
-from devstack import PROFILES, Servers, StackError
-from loadtests.common import PROJECT, python, say
-from loadtests.procs import StackProcesses, cmdline
+from devstack import PROFILES, Servers
+from devstack.services import Service, apply_schema, start_api, start_worker, stop_leftovers, stop_services
+from loadtests.common import PROJECT, say
+from loadtests.procs import StackProcesses
 from sluice import keys
 
 PROFILE = PROFILES["dev"]
@@ -68,81 +66,6 @@ def _cassandra_answers() -> bool:
         return False
     finally:
         cluster.shutdown()
-
-
-class Service:
-    """``python -m api`` / ``python -m worker`` as a child in its own session, logging to a file."""
-
-    def __init__(self, name: str, module: str, env: dict[str, str], log_dir: Path, run_dir: Path) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self.pid_path = run_dir / f"{name}.pid"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [python(), "-m", module],
-                env={**env, "PYTHONUNBUFFERED": "1"},
-                cwd=PROJECT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.pid_path.write_text(str(self.proc.pid))
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_text(self) -> str:
-        with self.log_path.open("rb") as f:
-            f.seek(self._log_offset)
-            return f.read().decode(errors="replace")
-
-    def check_alive(self, what: str) -> None:
-        if not self.alive():
-            tail = "\n".join("    " + line for line in self.log_text().splitlines()[-20:])
-            raise StackError(f"the {self.name} exited with code {self.proc.returncode} while {what}:\n{tail}")
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.alive():
-            say(f"stopping {self.name} (pid {self.pid}, SIGTERM)")
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                say(f"{self.name} did not stop within {timeout:.0f} s; killing its process group")
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.pid_path.unlink(missing_ok=True)
-
-
-def stop_leftovers(run_dir: Path) -> None:
-    """Stop API/worker processes a previous run of ours left behind (matched by pid file and command line)."""
-    for pid_file in run_dir.glob("*.pid"):
-        try:
-            pid = int(pid_file.read_text().strip())
-        except (OSError, ValueError):
-            pid_file.unlink(missing_ok=True)
-            continue
-        line = cmdline(pid)
-        if "-m api" in line or "-m worker" in line:
-            say(f"stopping {pid_file.stem} left running by an earlier run (pid {pid})")
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 30
-            while cmdline(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            with contextlib.suppress(ProcessLookupError):
-                if cmdline(pid):
-                    os.killpg(pid, signal.SIGKILL)
-        pid_file.unlink(missing_ok=True)
 
 
 @dataclass
@@ -209,31 +132,23 @@ class Stack:
             say(f"Redis :{PROFILE.redis_port} and Cassandra :{PROFILE.cassandra_port} already answer; reusing them")
         else:
             self.servers = Servers(PROFILE).start()
-        say("applying the Cassandra schema (python -m sluice.schema)")
-        subprocess.run([python(), "-m", "sluice.schema"], env=self.env, cwd=PROJECT, check=True)
+        apply_schema(self.env)
         self.start_workers()
         self.start_api()
         say(f"stack up in {time.monotonic() - started:.0f} s")
         self.processes.refresh()
 
     def stop(self) -> None:
-        if self.api is not None:
-            self.api.stop()
-            self.api = None
-        self.stop_workers()
+        stop_services([*([self.api] if self.api else []), *self.workers])
+        self.api = None
+        self.workers = []
         if self.servers is not None:
             self.servers.stop()
             self.servers = None
 
     def start_api(self) -> None:
-        self.api = Service("api", "api", self.env, self.log_dir, self.run_dir)
-        say(f"starting the API (pid {self.api.pid}, {self.env.get('SLUICE_API_WORKERS', '1')} process(es))")
-        deadline = time.monotonic() + 60
-        while not api_answers():
-            self.api.check_alive("starting")
-            if time.monotonic() > deadline:
-                raise StackError(f"the API did not answer {API_BASE}/healthz within 60 s; log: {self.api.log_path}")
-            time.sleep(0.2)
+        say(f"starting the API ({self.env.get('SLUICE_API_WORKERS', '1')} process(es))")
+        self.api = start_api("api", self.env, self.log_dir, port=PROFILE.api_port, run_dir=self.run_dir)
         # With several uvicorn workers, /healthz answers as soon as the first is up: give the rest a moment.
         if (self.config.api_workers or 1) > 1:
             time.sleep(2)
@@ -246,26 +161,21 @@ class Stack:
         """Start the worker processes without waiting for them (the drain phase times them from here)."""
         concurrency = self.env.get("SLUICE_WORKER_CONCURRENCY", "2")
         for i in range(self.config.worker_procs):
-            worker = Service(f"worker-{i + 1}", "worker", self.env, self.log_dir, self.run_dir)
+            worker = start_worker(f"worker-{i + 1}", self.env, self.log_dir, run_dir=self.run_dir, wait=False)
             self.workers.append(worker)
             say(f"starting worker {i + 1}/{self.config.worker_procs} (pid {worker.pid}, concurrency {concurrency})")
 
     def wait_workers_ready(self, timeout: float = 90.0) -> None:
-        started = time.monotonic()
+        deadline = time.monotonic() + timeout
         for worker in self.workers:
-            while " ready." not in worker.log_text():
-                worker.check_alive("starting")
-                if time.monotonic() - started > timeout:
-                    raise StackError(f"{worker.name} was not ready within {timeout:.0f} s; log: {worker.log_path}")
-                time.sleep(0.2)
+            worker.wait_ready(max(0.0, deadline - time.monotonic()))
 
     def check_workers(self) -> None:
         for worker in self.workers:
             worker.check_alive("running")
 
     def stop_workers(self) -> None:
-        for worker in self.workers:
-            worker.stop(timeout=60)
+        stop_services(self.workers)
         self.workers = []
 
     # --- consumers of an external stack -----------------------------------------------------------

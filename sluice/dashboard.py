@@ -109,7 +109,7 @@ def build() -> dict[str, Any]:
         _series("Retries and dead letters", "short", [
             ("sum(rate(sluice_task_retries_total[5m])) * 60", "retries / min"),
             ("sum by (reason) (increase(sluice_dead_letters_total[5m]))", "dead-lettered ({{reason}}) / 5 min"),
-        ], 12, 28, description="Any dead letter needs a look: python -m worker.deadletters list"),
+        ], 12, 28, description="Any dead letter needs a look: sluice dlq list"),
         _series("Publishing: events per message and failures", "short", [
             ("sum(rate(sluice_publish_batch_events_sum[1m])) / sum(rate(sluice_publish_batch_events_count[1m]))",
              "events per message"),

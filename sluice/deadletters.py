@@ -1,6 +1,6 @@
 """The dead-letter record: events (and undecodable messages) the worker gave up on, kept in Redis with the
 reason, never dropped. Its one owner: the worker writes records here, the API reads them, and the operator's
-command (``python -m worker.deadletters``) lists, replays and purges them here.
+command (``sluice dlq``) lists, replays and purges them here.
 
 A record is the hash field ``keys.DEAD_LETTERS[event_id]`` (or ``unkeyed-<uuid>`` for a raw message) holding
 JSON ``{"event", "reason", "kind", "task_id", "attempts", "failed_at", "accepted_at"}``. Writing records and

@@ -1,4 +1,4 @@
-"""Apply the Cassandra schema once: ``python -m sluice.schema``.
+"""Apply the Cassandra schema once: ``sluice schema apply``.
 
 Run by ``make up`` (and by the one-shot schema step in compose and on ECS) before any service starts;
 services never create tables themselves, because concurrent schema changes are not safe in Cassandra. It
@@ -8,9 +8,7 @@ applies the migrations the keyspace lacks (sluice/migrate.py), then the tables' 
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 
 from cassandra.cluster import NoHostAvailable
@@ -22,13 +20,11 @@ from sluice.settings import get_settings
 log = logging.getLogger("sluice.schema")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sluice.schema", description=__doc__)
-    parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait for Cassandra to answer")
-    args = parser.parse_args(argv)
+def run(wait_s: float = 60.0) -> int:
+    """Connect (waiting up to ``wait_s`` for Cassandra to answer), apply the schema; the exit code."""
     setup_logging()
     settings = get_settings()
-    deadline = time.monotonic() + args.wait
+    deadline = time.monotonic() + wait_s
     while True:
         try:
             cluster, session = connect(settings)
@@ -58,4 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The old `python -m sluice.schema`: the same as `sluice schema apply` (never a silent no-op).
+    import sys
+
+    from sluice.cli import main
+
+    sys.exit(main(["schema", "apply", *sys.argv[1:]]))

@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     max_clock_skew_s: int = Field(default=300, ge=0)
 
     # --- Worker ------------------------------------------------------------------------------
-    #: Worker processes per ``python -m worker`` (Celery prefork pool).
+    #: Worker processes per ``sluice worker`` (Celery prefork pool).
     worker_concurrency: int = Field(default=2, ge=1)
     #: Cassandra writes in flight at once per worker process.
     write_concurrency: int = Field(default=64, ge=1, le=1024)
@@ -101,11 +101,11 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: ``json``: one JSON object per line (for log pipelines); ``text``: plain lines (for a terminal).
     log_format: Literal["json", "text"] = "json"
-    #: Port on which ``python -m worker`` serves its processes' Prometheus metrics; unset: not served
+    #: Port on which ``sluice worker`` serves its processes' Prometheus metrics; unset: not served
     #: (``make up`` shares one metrics directory, so the API's /metrics already includes the workers).
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
-    # --- CloudWatch publisher (python -m worker.cloudwatch, beside the workers on AWS) ------------
+    # --- CloudWatch publisher (sluice cloudwatch, beside the workers on AWS) ------------
     cloudwatch_namespace: str = "Sluice"
     #: Value of the ``Environment`` dimension on every metric.
     cloudwatch_environment: str = "local"

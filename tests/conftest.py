@@ -41,7 +41,7 @@ def settings(profile: Profile) -> Settings:
 
 @pytest.fixture(scope="session")
 def servers(profile: Profile) -> Iterator[Servers]:
-    # SLUICE_TEST_REUSE_SERVERS=1: use the profile's servers already running (``python -m devstack servers
+    # SLUICE_TEST_REUSE_SERVERS=1: use the profile's servers already running (``sluice dev servers
     # --profile ...``) instead of starting fresh ones, to iterate on a few tests quickly.
     if os.environ.get("SLUICE_TEST_REUSE_SERVERS") == "1":
         yield Servers(profile)

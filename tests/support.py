@@ -1,12 +1,9 @@
-"""Helpers for tests on the real stack: service processes, event factories, and Cassandra look-ups."""
+"""Helpers for tests on the real stack: the test settings of service processes (started by the launcher,
+devstack/services.py), event factories, and Cassandra look-ups."""
 
 from __future__ import annotations
 
 import datetime as dt
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -14,11 +11,11 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import httpx
 from cassandra.cluster import Session
 from cassandra.query import ValueSequence
 
-from devstack import PROJECT, Profile
+from devstack import Profile, services
+from devstack.services import Service as Service  # re-exported: the tests' type of a service
 
 
 def view(**overrides: Any) -> dict[str, Any]:
@@ -51,42 +48,6 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, every: floa
         time.sleep(every)
 
 
-class Service:
-    """``python -m api`` or ``python -m worker`` as a real child process, logging to a file."""
-
-    def __init__(self, name: str, module: str, env: dict[str, str], log_dir: Path, args: Iterable[str] = ()) -> None:
-        self.name = name
-        self.base_url = ""
-        self.log_path = log_dir / f"{name}.log"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-            cwd=PROJECT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, sig: signal.Signals) -> None:
-        os.killpg(self.proc.pid, sig) if sig == signal.SIGKILL else self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-
 #: The API key of test runs (never a real secret).
 TEST_KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
@@ -117,35 +78,15 @@ def service_env(profile: Profile, **extra: str) -> dict[str, str]:
 
 
 def start_api(profile: Profile, log_dir: Path, name: str = "api", **env: str) -> Service:
-    api = Service(name, "api", service_env(profile, **env), log_dir)
-    base = api.base_url = f"http://127.0.0.1:{env.get('SLUICE_API_PORT', profile.api_port)}"
-
-    def healthy() -> bool:
-        if api.proc.poll() is not None:
-            api.stop()
-            raise AssertionError(f"API exited with {api.proc.returncode}:\n{api.log_text()[-3000:]}")
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, 30, "the API to answer /healthz")
-    return api
+    """The API through the launcher, with the test settings; raises StackError (with its log) if it exits."""
+    port = int(env.get("SLUICE_API_PORT", profile.api_port))
+    return services.start_api(name, service_env(profile, **env), log_dir, port=port, timeout=30)
 
 
 def start_worker(
     profile: Profile, log_dir: Path, name: str = "worker", args: Iterable[str] = (), **env: str
 ) -> Service:
-    worker = Service(name, "worker", service_env(profile, **env), log_dir, args)
-
-    def ready() -> bool:
-        if worker.proc.poll() is not None:
-            worker.stop()
-            raise AssertionError(f"worker exited with {worker.proc.returncode}:\n{worker.log_text()[-3000:]}")
-        return " ready." in worker.log_text()
-
-    wait_until(ready, 60, "the worker to be ready")
-    return worker
+    return services.start_worker(name, service_env(profile, **env), log_dir, args=args, timeout=60)
 
 
 def utc(value: str) -> dt.datetime:

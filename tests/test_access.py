@@ -10,7 +10,7 @@ import httpx
 import pytest
 from cassandra.cluster import Session
 
-from devstack import Profile
+from devstack import Profile, StackError
 from tests.support import AUTH, TEST_KEY, Service, start_api, view
 
 
@@ -104,5 +104,5 @@ def test_no_secret_in_logs_errors_or_openapi(limited_api: Service, isolated_api:
 
 
 def test_api_refuses_to_start_without_keys(profile: Profile, log_dir: Path, cassandra: Session) -> None:
-    with pytest.raises(AssertionError, match="SLUICE_API_KEYS is empty"):
+    with pytest.raises(StackError, match="SLUICE_API_KEYS is empty"):
         start_api(profile, log_dir, name="api-nokeys", SLUICE_API_PORT=str(profile.api_port + 3), SLUICE_API_KEYS="")

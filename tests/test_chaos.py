@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import orjson
 import pytest
@@ -27,7 +28,8 @@ SEED = int(os.environ.get("SLUICE_CHAOS_SEED", "20261130"))
 def test_two_minutes_of_random_faults_lose_and_duplicate_nothing() -> None:
     if os.environ.get("SLUICE_TEST_PROFILE") == "chaos":
         pytest.skip("the suite runs on the chaos profile: the chaos run would kill its servers")
-    argv = [sys.executable, "-m", "loadtests.chaos", "--duration", "120", "--seed", str(SEED), "--out", str(OUT)]
+    sluice = str(Path(sys.executable).with_name("sluice"))  # what `make chaos` runs
+    argv = [sluice, "chaos", "--duration", "120", "--seed", str(SEED), "--out", str(OUT)]
     done = subprocess.run(argv, cwd=PROJECT, capture_output=True, text=True, timeout=840, check=False)
     output = done.stdout + done.stderr
     summary = orjson.loads((OUT / "summary.json").read_bytes()) if (OUT / "summary.json").exists() else {}

@@ -55,7 +55,7 @@ def dead_letters(client: redis.Redis) -> dict[str, dict[str, object]]:
 def cli(profile: Profile, *args: str) -> subprocess.CompletedProcess[str]:
     env = service_env(profile, SLUICE_REDIS_URL=f"redis://127.0.0.1:{profile.redis_port}/{DB}")
     return subprocess.run(
-        [sys.executable, "-m", "worker.deadletters", *args],
+        [str(Path(sys.executable).with_name("sluice")), "dlq", *args],
         env={**os.environ, **env}, cwd=PROJECT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 

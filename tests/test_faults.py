@@ -207,7 +207,7 @@ def test_api_sigterm(rig: Rig, cassandra: Session) -> None:
         # A request that met the closing of its keep-alive connection has an unknown outcome; a new API lets
         # the client retry it (same id, same body) and learn the answer.
         time.sleep(1)
-        api = rig.api()
+        stopped, api = api, rig.api()
         time.sleep(2)
     history = load.history
     summary = check(history, cassandra, settle_s=60, api_url=api.base_url)
@@ -217,7 +217,7 @@ def test_api_sigterm(rig: Rig, cassandra: Session) -> None:
     assert all(f.code in NOT_SENT or f.status == 503 for f in history.failed.values()), {
         (f.status, f.code) for f in history.failed.values()
     }
-    log = api.log_text()
+    log = stopped.log_text()  # what the stopped API wrote (the new one appends to the same file)
     assert "API shutting down: publishing what is queued" in log
     assert "Application shutdown complete" in log
 

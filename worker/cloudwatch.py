@@ -1,4 +1,4 @@
-"""Publish the pipeline's queue metrics to CloudWatch: ``python -m worker.cloudwatch``.
+"""Publish the pipeline's queue metrics to CloudWatch: ``sluice cloudwatch``.
 
 Runs beside the Celery worker (a second container of the per-instance worker task in ECS). Every
 ``SLUICE_CLOUDWATCH_INTERVAL_S`` seconds it reads, in one Redis round trip (a Lua script, so the numbers
@@ -16,7 +16,7 @@ are one consistent snapshot):
 Every metric has the dimension ``Environment``. Several publishers put the same values, so alarms and
 scaling read the ``Maximum`` statistic (and a rate of ``EventsWrittenTotal``, never its ``Sum``).
 
-``python -m worker.cloudwatch --disk PATH`` publishes instead ``DataVolumeUsedPercent``: how full the file
+``sluice cloudwatch --disk PATH`` publishes instead ``DataVolumeUsedPercent``: how full the file
 system holding PATH is (a Cassandra node's data volume; a sidecar of each Cassandra task). Every node puts
 it under the same dimensions, so the ``Maximum`` is the fullest volume.
 
@@ -56,8 +56,7 @@ import aiobotocore.session  # type: ignore[import-untyped]  # aiobotocore ships 
 from redis.asyncio import Redis
 
 from sluice import keys
-from sluice.logs import setup_logging
-from sluice.settings import Settings, get_settings
+from sluice.settings import Settings
 
 log = logging.getLogger("sluice.cloudwatch")
 
@@ -313,7 +312,7 @@ def _on_signal(stop: asyncio.Event, signum: int) -> None:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m worker.cloudwatch", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="sluice cloudwatch", description=__doc__.split("\n")[0])
     parser.add_argument("--disk", type=Path, default=None, help="publish how full this path's file system is")
     return parser.parse_args(argv)
 
@@ -345,5 +344,6 @@ async def main(settings: Settings, argv: Sequence[str] = ()) -> int:
 
 
 if __name__ == "__main__":
-    setup_logging()
-    raise SystemExit(asyncio.run(main(get_settings(), sys.argv[1:])))
+    from sluice.cli import main as cli
+
+    sys.exit(cli(["cloudwatch", *sys.argv[1:]]))

@@ -7,13 +7,12 @@ loop is stuck or the consumer has stopped, even while the process itself is stil
 
 - ``Heartbeat``: a consumer bootstep (registered in ``worker/app.py``) touching ``SLUICE_WORKER_HEARTBEAT_FILE``
   (default ``/tmp/sluice-worker-heartbeat``) every ``SLUICE_WORKER_HEARTBEAT_S`` seconds (default 10);
-- ``python -m worker.liveness --max-age 60``: exit 0 if the file was touched within the last 60 s, else 1
-  with the reason (the compose and ECS healthchecks run it).
+- ``sluice liveness --max-age 60`` (sluice/cli.py): exit 0 if the file was touched within the last 60 s,
+  else 1 with the reason (the compose healthcheck runs it).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -78,19 +77,7 @@ def check(path: Path, max_age_s: float, now: float | None = None) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.liveness", description=__doc__.splitlines()[0])
-    parser.add_argument("--max-age", type=float, default=60.0, help="seconds the heartbeat may be old")
-    parser.add_argument(
-        "--file", type=Path, default=None, help="heartbeat file (default: $SLUICE_WORKER_HEARTBEAT_FILE)"
-    )
-    args = parser.parse_args(argv)
-    problem = check(args.file or heartbeat_file(), args.max_age)
-    if problem:
-        print(problem, file=sys.stderr)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from sluice.cli import main
+
+    sys.exit(main(["liveness", *sys.argv[1:]]))

@@ -38,7 +38,7 @@ def test_every_service_is_healthy_with_three_workers(single: Compose) -> None:
 
 def test_worker_healthcheck_is_the_liveness_file(single: Compose) -> None:
     (cid, *_) = single.ids("worker")
-    probe = ["docker", "exec", cid, "python", "-m", "worker.liveness", "--max-age", "60"]
+    probe = ["docker", "exec", cid, "sluice", "liveness", "--max-age", "60"]
     assert subprocess.run(probe, capture_output=True).returncode == 0
     # A heartbeat that is too old must fail the check: the check can fail.
     stale = subprocess.run([*probe[:-1], "0.001"], capture_output=True, text=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from sluice import cli
 from worker import liveness
 from worker.app import app
 
@@ -57,9 +58,10 @@ def test_heartbeat_touches_on_start_and_from_the_consumer_timer(
 
 def test_check_passes_fresh_and_fails_stale_or_missing(tmp_path: Path) -> None:
     path = tmp_path / "beat"
-    assert liveness.main(["--file", str(path)]) == 1
+    # The check as the compose healthcheck runs it: `sluice liveness`.
+    assert cli.main(["liveness", "--file", str(path)]) == 1
     path.touch()
-    assert liveness.main(["--file", str(path), "--max-age", "60"]) == 0
+    assert cli.main(["liveness", "--file", str(path), "--max-age", "60"]) == 0
     os.utime(path, (time.time() - 120, time.time() - 120))
-    assert liveness.main(["--file", str(path), "--max-age", "60"]) == 1
+    assert cli.main(["liveness", "--file", str(path), "--max-age", "60"]) == 1
     assert "old" in (liveness.check(path, 60) or "")

@@ -198,7 +198,7 @@ def test_lag_tracker_and_metric_data_shape() -> None:
 
 
 def test_module_runs_and_stops_cleanly_on_sigterm(aws: str, clean_redis: str) -> None:
-    """`python -m worker.cloudwatch` as ECS runs it: publishes, then exits 0 on SIGTERM."""
+    """`sluice cloudwatch` as ECS runs it: publishes, then exits 0 on SIGTERM."""
     environment = f"proc-{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
@@ -210,7 +210,7 @@ def test_module_runs_and_stops_cleanly_on_sigterm(aws: str, clean_redis: str) ->
         "SLUICE_CLOUDWATCH_INTERVAL_S": "0.2",
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "worker.cloudwatch"],
+        [str(Path(sys.executable).with_name("sluice")), "cloudwatch"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -187,7 +187,7 @@ async def ecs_cluster_with_an_instance(c: d.Clients, endpoint: str) -> str:
                 "name": "schema",
                 "image": "sluice:t",
                 "memory": 512,
-                "command": ["python", "-m", "sluice.schema"],
+                "command": ["sluice", "schema", "apply"],
             }
         ],
     )

@@ -43,7 +43,7 @@ def test_dockerfile() -> None:
     assert re.search(r"^USER 10001:10001$", runtime, re.M)
     assert "HEALTHCHECK --interval" in runtime
     assert "/healthz" in runtime
-    assert re.search(r'^CMD \["python", "-m", "api"\]$', runtime, re.M)  # exec form
+    assert re.search(r'^CMD \["sluice", "api"\]$', runtime, re.M)  # exec form, the `sluice` command
     assert not any(re.match(r"^(ENV|ARG)\b.*(KEY|PASSWORD|SECRET|TOKEN)", line) for line in instructions)
 
 
@@ -55,7 +55,10 @@ def test_compose() -> None:
     assert "--maxmemory-policy noeviction" in redis
     assert services["cassandra"]["image"] == "cassandra:5.0.8"
     assert {"MAX_HEAP_SIZE", "HEAP_NEWSIZE"} <= set(services["cassandra"]["environment"])
-    assert services["schema"]["command"] == ["python", "-m", "sluice.schema"]
+    assert services["schema"]["command"] == ["sluice", "schema", "apply"]
+    assert services["api"]["command"] == ["sluice", "api"]
+    assert services["worker"]["command"] == ["sluice", "worker"]
+    assert services["worker"]["healthcheck"]["test"][1:3] == ["sluice", "liveness"]
     for name in ("api", "worker"):
         assert services[name]["depends_on"]["schema"] == {"condition": "service_completed_successfully"}
         assert services[name]["depends_on"]["redis"] == {"condition": "service_healthy"}
@@ -177,12 +180,14 @@ def test_services(templates: dict[str, Any]) -> None:
         for r in resources(templates["services"], "AWS::ECS::Service").values()
     )
     publisher = services["QueueMetricsTaskDefinition"]["Properties"]["ContainerDefinitions"]
-    assert [c["Command"] for c in publisher] == [["python", "-m", "worker.cloudwatch"]]
-    # The worker's health check pings the node name worker/__main__.py gives it, and is valid Python.
+    assert [c["Command"] for c in publisher] == [["sluice", "cloudwatch"]]
+    assert worker["Command"] == ["sluice", "worker"]
+    # The worker's health check pings the node name worker/run.py gives it, and is valid Python.
     check = worker["HealthCheck"]["Command"]
     compile(check[-1], "healthcheck", "exec")
     assert "sluice-worker-" in check[-1]
-    assert '"--hostname", f"sluice-worker-{os.getpid()}@%h"' in (ROOT / "worker" / "__main__.py").read_text()
+    assert '"--hostname", f"sluice-worker-{os.getpid()}@%h"' in (ROOT / "worker" / "run.py").read_text()
+    assert "b'/sluice\\0worker\\0'" in check[-1]  # finds `.../bin/sluice worker`, the command above
     # Only the ALB reaches the API: the one ingress rule of the app security group comes from the ALB's.
     ingress = resources(templates["services"], "AWS::EC2::SecurityGroupIngress")
     assert [r["Properties"]["SourceSecurityGroupId"] for r in ingress.values()] == [{"Ref": "AlbSecurityGroup"}]
