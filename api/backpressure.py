@@ -1,7 +1,7 @@
 """Backpressure: refuse new events with 503 while the queue is over its limit, or Redis's memory nearly full.
 
-The queue depth, Redis's memory and the workers' drain rate are sampled in the background a few times a
-second (one pipelined round trip), so a request pays nothing for them. Memory counts because queued marks,
+The queue depth and the workers' drain rate are sampled in the background every 50 ms, Redis's memory every
+quarter second (one pipelined round trip), so a request pays nothing for them. Memory counts because queued marks,
 retries and dead letters need room too: the API stops at ``memory_ratio`` of ``maxmemory``, before Redis
 itself refuses writes (``noeviction``), so the workers can still record what they do.
 """
@@ -23,11 +23,22 @@ log = logging.getLogger(__name__)
 
 class QueueMonitor:
     def __init__(
-        self, client: aioredis.Redis, max_depth: int, interval_s: float = 0.25, *, memory_ratio: float = 0.8
+        self,
+        client: aioredis.Redis,
+        max_depth: int,
+        interval_s: float = 0.05,
+        *,
+        memory_ratio: float = 0.8,
+        memory_every: int = 5,
     ) -> None:
         self._redis = client
         self.max_depth = max_depth
+        # The depth every 50 ms: the publisher's backlog linger follows it, and should engage as soon as
+        # messages wait. Redis's memory (INFO, a heavier command) only every ``memory_every``-th sample.
         self._interval_s = interval_s
+        self._memory_every = memory_every
+        self._samples = 0
+        self._previous_depth = 0
         self.memory_ratio = memory_ratio
         self.depth = 0
         #: Redis's used memory and its limit (0: no limit), in bytes.
@@ -38,8 +49,9 @@ class QueueMonitor:
         self._last: tuple[float, int] | None = None
 
     def backlogged(self) -> bool:
-        """Messages wait in the queue: every worker is busy (each holds what it prefetched)."""
-        return self.depth > 0
+        """Messages have waited in the queue for two samples in a row (50 ms or more): every worker is busy.
+        One sample is not enough: a message caught between its push and a worker's pop would count."""
+        return self.depth > 0 and self._previous_depth > 0
 
     @property
     def memory_full(self) -> bool:
@@ -59,20 +71,26 @@ class QueueMonitor:
         return min(60, max(1, math.ceil(excess / self.drain_per_s)))
 
     async def sample(self) -> None:
+        with_memory = self._samples % self._memory_every == 0
+        self._samples += 1
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.llen(keys.EVENTS_QUEUE)
             pipe.get(keys.DRAINED_MESSAGES)
-            pipe.info("memory")
-            depth, drained_raw, memory = await pipe.execute()
-        self.used_memory = int(memory.get("used_memory", 0))
-        self.max_memory = int(memory.get("maxmemory", 0))
+            if with_memory:
+                pipe.info("memory")
+            depth, drained_raw, *memory = await pipe.execute()
+        if memory:
+            self.used_memory = int(memory[0].get("used_memory", 0))
+            self.max_memory = int(memory[0].get("maxmemory", 0))
         now = time.monotonic()
         drained = int(drained_raw or 0)
-        self.depth = int(depth)
+        self._previous_depth, self.depth = self.depth, int(depth)
         QUEUE_DEPTH.set(self.depth)
         if self._last is not None and now > self._last[0]:
             rate = max(0, drained - self._last[1]) / (now - self._last[0])
-            self.drain_per_s = rate if self.drain_per_s == 0 else 0.7 * self.drain_per_s + 0.3 * rate
+            # Smoothed over about a second whatever the sampling interval (0.7 kept per quarter second).
+            keep = 0.7 ** ((now - self._last[0]) / 0.25)
+            self.drain_per_s = rate if self.drain_per_s == 0 else keep * self.drain_per_s + (1 - keep) * rate
         self._last = (now, drained)
 
     async def run(self) -> None:

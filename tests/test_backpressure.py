@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import redis.asyncio
 from cassandra.cluster import Session
 
 from api.backpressure import QueueMonitor
@@ -132,3 +134,29 @@ def test_redis_memory_near_its_limit_is_a_503_before_redis_refuses(
         queue.delete("sluice:test:probe")
     time.sleep(0.6)
     assert isolated_client.post("/v1/events", json=view()).status_code == 202
+
+
+def test_a_backlog_is_messages_waiting_for_two_samples_in_a_row(isolated_queue: redis.Redis, profile: Profile) -> None:
+    """What turns the publisher's backlog linger on: one sample that catches a message between its push and
+    a worker's pop is not a backlog; a message still there at the next sample is."""
+
+    async def run() -> list[bool]:
+        client = redis.asyncio.Redis(port=profile.redis_port, db=1)
+        monitor = QueueMonitor(client, max_depth=10)
+        seen = []
+        try:
+            await monitor.sample()
+            seen.append(monitor.backlogged())  # empty queue
+            isolated_queue.lpush(keys.EVENTS_QUEUE, b"m")
+            await monitor.sample()
+            seen.append(monitor.backlogged())  # first sight of a message
+            await monitor.sample()
+            seen.append(monitor.backlogged())  # still there
+            isolated_queue.delete(keys.EVENTS_QUEUE)
+            await monitor.sample()
+            seen.append(monitor.backlogged())  # taken
+        finally:
+            await client.aclose()
+        return seen
+
+    assert asyncio.run(run()) == [False, False, True, False]
