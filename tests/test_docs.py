@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -104,8 +105,13 @@ def test_the_readme_gzip_example_posts_a_real_batch(
 ) -> None:
     block = code_block("### Events", "sh")
     script = block[block.index("# gzip bodies are welcome") :].replace("http://127.0.0.1:8000", isolated_api.base_url)
-    out = subprocess.run(["bash", "-eo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=60, env={**os.environ, "KEY": TEST_KEY})  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    answer = json.loads(out.stdout)
-    assert (answer["accepted"], answer["rejected"]) == (1000, 0), out.stdout[:500]
+    for _ in range(3):
+        out = subprocess.run(["bash", "-eo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "KEY": TEST_KEY})  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        answer = json.loads(out.stdout)
+        # The key's rate limit (10,000 events/s) is shared with the client example just before: its next second.
+        if answer.get("error", {}).get("code") != "rate_limited":
+            break
+        time.sleep(1.1)
+    assert (answer.get("accepted"), answer.get("rejected")) == (1000, 0), out.stdout[:500]

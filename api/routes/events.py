@@ -100,9 +100,17 @@ AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
 
 INGEST_ERRORS: dict[int | str, dict[str, Any]] = {
     **AUTH_ERRORS,
-    **_errors(400, "The body is not valid JSON, or has a duplicate key."),
-    **_errors(413, "The body is larger than SLUICE_MAX_BODY_BYTES (1 MiB by default)."),
-    **_errors(415, "The body is not JSON (Content-Type must be application/json)."),
+    **_errors(
+        400,
+        "The body is not valid JSON (malformed_json), has a duplicate key (duplicate_key), or is "
+        "corrupt gzip (malformed_gzip).",
+    ),
+    **_errors(413, "The body, or its gzip-decompressed form, is larger than SLUICE_MAX_BODY_BYTES (1 MiB by default)."),
+    **_errors(
+        415,
+        "The body is not JSON (Content-Type must be application/json), or its Content-Encoding is "
+        "neither gzip nor identity (unsupported_content_encoding).",
+    ),
     **_errors(409, "The event_id is already queued with other content (first write wins); nothing was queued."),
     **_errors(422, "No event is valid; details give the path of each bad field."),
     **_errors(
