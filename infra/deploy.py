@@ -225,6 +225,7 @@ def stack_parameters(config: DeployConfig, key: str) -> dict[str, ParameterValue
             "CassandraReplication": Output("data", "CassandraReplication"),
             "CassandraLocalDc": Output("data", "CassandraLocalDc"),
             "CassandraCredentialsSecretArn": Output("data", "CassandraCredentialsSecretArn"),
+            "EventRetentionDays": Output("data", "EventRetentionDays"),
         }
     else:
         raise DeployError(f"unknown stack {key!r} (known: {', '.join(STACK_ORDER)})")

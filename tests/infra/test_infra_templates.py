@@ -147,6 +147,13 @@ def test_data(templates: dict[str, Any]) -> None:
     }
     assert "NetworkTopologyStrategy" in json.dumps(schema_env["SLUICE_CASSANDRA_REPLICATION"])
     assert '\\"${AWS::Region}\\": 3' in json.dumps(schema_env["SLUICE_CASSANDRA_REPLICATION"])
+    # One retention for the schema step (TTL, compaction windows), the API (422 past it) and the workers (TTL).
+    assert schema_env["SLUICE_RETENTION_DAYS"] == {"Ref": "EventRetentionDays"}
+    assert templates["data"]["Outputs"]["EventRetentionDays"]["Value"] == {"Ref": "EventRetentionDays"}
+    for name in ("ApiTaskDefinition", "WorkerTaskDefinition"):
+        env = {e["Name"]: e.get("Value") for e in templates["services"]["Resources"][name]["Properties"][
+            "ContainerDefinitions"][0]["Environment"]}  # fmt: skip
+        assert env["SLUICE_RETENTION_DAYS"] == {"Ref": "EventRetentionDays"}, name
     assert "SingleRegionStrategy" not in json.dumps(templates["data"])  # no Keyspaces path
     assert templates["data"]["Parameters"]["CassandraMode"]["AllowedValues"] == ["self-managed", "external"]
 
