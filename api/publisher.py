@@ -75,7 +75,7 @@ class _Pending:
 
 
 class BatchingPublisher:
-    #: How long requests fail fast after a failed publish, before the next publish tries Redis again.
+    #: How long requests fail fast after Redis refused a publish, before the next publish tries Redis again.
     FAIL_FAST_S = 0.25
     #: Rounds of the script per message: each round settles at least one event, so this only bounds a
     #: pathological race between API processes re-posting the same ids.
@@ -111,7 +111,7 @@ class BatchingPublisher:
         self._closing = False
         #: The last message carried several requests (or more were waiting): linger to fill the next one.
         self._busy = False
-        # After a failed publish, fail fast for a moment rather than pile requests onto a Redis that is away.
+        # After a refused publish, fail fast for a moment rather than pile requests onto a Redis that is away.
         self._unavailable_until = 0.0
         self._last_error = ""
 
@@ -238,7 +238,11 @@ class BatchingPublisher:
     def _fail(self, batch: list[_Pending], exc: Exception) -> None:
         definite = _is_definite(exc) if not isinstance(exc, PublishError) else exc.definite
         PUBLISH_FAILURES.labels("refused" if definite else "unknown").inc()
-        self._unavailable_until = time.monotonic() + self.FAIL_FAST_S
+        if definite and not isinstance(exc, PublishError):
+            # Redis refused (away, or full): the next requests would be refused too. A timeout is a slow Redis
+            # (one long fsync), not an absent one: the next publish may well land, so it is tried. (Failing fast
+            # after timeouts too refused 1 % of a ring test's requests while one Cassandra node was down.)
+            self._unavailable_until = time.monotonic() + self.FAIL_FAST_S
         self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         error = PublishError(f"could not queue events: {self._last_error}", definite=definite)
         for item in batch:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from cassandra.query import UNSET_VALUE
 
-from api.publisher import BatchingPublisher, Overloaded
+from api.publisher import BatchingPublisher, Overloaded, PublishError
 from sluice.cassandra import EVENT_COLUMNS
 from sluice.events import EVENT_ADAPTER, BookingEvent, ViewEvent, queued_form, validate_event
 from sluice.eventtypes import TYPE_FIELDS
@@ -198,6 +198,38 @@ def test_the_publisher_keeps_up_to_its_concurrency_of_messages_in_flight(concurr
     assert sum(sizes) == 5
     # Requests that waited for a slot share the next message.
     assert sizes == ([1] * concurrency + [5 - concurrency])
+
+
+def test_the_publisher_fails_fast_after_a_refusal_but_not_after_a_timeout() -> None:
+    """Redis refusing (away, full): the next requests are refused at once for a moment. Redis slow (a publish
+    past its deadline): the next request still tries Redis."""
+
+    async def run() -> tuple[list[str], str]:
+        answers: list[BaseException | None] = [TimeoutError(), None, ConnectionRefusedError("refused"), None]
+        calls: list[str] = []
+
+        async def redis(message: object, marks: list[object]) -> list[str]:
+            calls.append("call")
+            answer = answers.pop(0)
+            if answer is not None:
+                raise answer
+            return []
+
+        publisher = BatchingPublisher(redis, max_events=10, linger_s=0, deadline_s=5)
+        publisher.start()
+        outcomes = []
+        for i in range(4):
+            try:
+                outcomes.append(str(await publisher.submit([{"event_id": f"e{i}"}], ["f"], f"r{i}")))
+            except PublishError as exc:
+                outcomes.append(f"{'refused' if exc.definite else 'unknown'}")
+        await publisher.close()
+        return outcomes, f"{len(calls)} calls"
+
+    outcomes, calls = asyncio.run(run())
+    # timeout -> unknown; the next one tries Redis and lands; refused; the next one fails fast without a call.
+    assert outcomes == ["unknown", str([NEW]), "refused", "refused"]
+    assert calls == "3 calls"
 
 
 def test_the_worker_converts_only_the_exact_queued_form_without_validating() -> None:
