@@ -180,7 +180,7 @@ class Stack:
 
     # --- consumers of an external stack -----------------------------------------------------------
     def pause_consumers(self) -> list[str]:
-        """Stop the workers from taking messages (remote control), for a stack we do not own."""
+        """Stop the workers from taking messages (remote control); they stay up, warm, and resume on demand."""
         return self._control("cancel_consumer")
 
     def resume_consumers(self) -> list[str]:
