@@ -147,12 +147,10 @@ def schema_apply(
 
 # --- dead letters ---------------------------------------------------------------------------------------
 def _redis() -> Any:
-    import redis
-
+    from sluice import broker
     from sluice.settings import get_settings
 
-    settings = get_settings()
-    return redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_socket_timeout_s)
+    return broker.sync_client(get_settings())
 
 
 @dlq_app.command("list")

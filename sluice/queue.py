@@ -33,7 +33,7 @@ def make_celery(settings: Settings) -> Celery:
     """The shared Celery app (the worker's; the API publishes without Celery, see sluice/message.py)."""
     app = Celery("sluice", broker=settings.redis_url, set_as_current=False)
     socket_timeout = settings.redis_socket_timeout_s
-    transport = {
+    transport: dict[str, Any] = {
         # Longer than a task can run (task_time_limit), so a slow task is never handed to a second worker.
         "visibility_timeout": settings.visibility_timeout_s,
         # Without socket timeouts kombu would block forever on a stalled Redis.
@@ -46,6 +46,11 @@ def make_celery(settings: Settings) -> Celery:
         "unacked_index_key": keys.UNACKED_INDEX,
         "unacked_mutex_key": keys.UNACKED_MUTEX,
     }
+    if settings.redis_url.startswith("sentinel://"):
+        # kombu's Sentinel transport: it asks the sentinels for the primary on every (re)connection, so after a
+        # failover the workers consume from the new primary, where the queue and the unacknowledged set are.
+        transport["master_name"] = settings.redis_sentinel_master
+        transport["sentinel_kwargs"] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
     if settings.redis_url.startswith("rediss://"):
         # TLS to the broker (e.g. ElastiCache in-transit encryption) verifies the server's certificate.
         app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
@@ -66,6 +71,11 @@ def make_celery(settings: Settings) -> Celery:
         task_soft_time_limit=max(1, settings.task_time_limit_s - 10),
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
+        # A primary without its replica refuses writes (NOREPLICAS, min-replicas-to-write) and one just demoted
+        # answers READONLY: Redis error replies, which Celery would treat as unrecoverable and exit on. Retried
+        # like a lost connection instead, the worker waits (draining nothing, losing nothing) until the queue
+        # takes writes again, and kombu's Sentinel transport then finds the primary.
+        broker_channel_error_retry=True,
         broker_connection_timeout=socket_timeout,
         worker_send_task_events=False,
         task_send_sent_event=False,

@@ -22,7 +22,17 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_", extra="ignore", frozen=True)
 
     # --- Redis (the Celery broker) -------------------------------------------------------------
+    #: One node (``redis://``, ``rediss://``) or Sentinel's primary (``sentinel://h1:26379;sentinel://h2:26379/0``,
+    #: kombu's form): see sluice/broker.py.
     redis_url: str = "redis://127.0.0.1:6380/0"
+    #: The name the sentinels monitor the primary under (``sentinel monitor <name> ...``); sentinel:// URLs only.
+    redis_sentinel_master: str = "sluice"
+    #: Replicas that must confirm a publish (Redis ``WAIT``) before the API answers 202. 0: the primary alone
+    #: (one node, ``make up``). With 1, a 202 means the events are on two nodes, and a replica that does not
+    #: confirm within ``SLUICE_REDIS_REPLICA_TIMEOUT_MS`` turns the answer into a 504 (unknown outcome).
+    redis_min_replicas: int = Field(default=0, ge=0, le=5)
+    #: How long a publish waits for its replicas to confirm, in milliseconds (never 0: WAIT 0 blocks forever).
+    redis_replica_timeout_ms: int = Field(default=250, ge=1, le=10_000)
     #: Socket timeouts for every Redis call, so a stalled Redis fails a request fast instead of hanging it.
     redis_socket_timeout_s: float = Field(default=2.0, gt=0)
 

@@ -11,6 +11,7 @@ import os
 
 import redis
 
+from sluice import broker
 from sluice.cassandra import Store
 from sluice.marks import Marks
 from sluice.settings import Settings, get_settings
@@ -50,11 +51,7 @@ class ProcessClients:
     def redis(self) -> redis.Redis:
         self._check_pid()
         if self._redis is None:
-            self._redis = redis.Redis.from_url(
-                self._settings.redis_url,
-                socket_timeout=self._settings.redis_socket_timeout_s,
-                socket_connect_timeout=self._settings.redis_socket_timeout_s,
-            )
+            self._redis = broker.sync_client(self._settings)
         return self._redis
 
     @property
@@ -69,7 +66,7 @@ class ProcessClients:
             if self._writer is not None:
                 self._writer.store.close()
             if self._redis is not None:
-                self._redis.close()
+                broker.close(self._redis)
         self._writer = None
         self._redis = None
         self._marks = None

@@ -55,7 +55,7 @@ from typing import Any, Protocol
 import aiobotocore.session  # type: ignore[import-untyped]  # aiobotocore ships no type information
 from redis.asyncio import Redis
 
-from sluice import keys
+from sluice import broker, keys
 from sluice.settings import Settings
 
 log = logging.getLogger("sluice.cloudwatch")
@@ -327,11 +327,7 @@ async def main(settings: Settings, argv: Sequence[str] = ()) -> int:
         async with session.create_client("cloudwatch", endpoint_url=settings.cloudwatch_endpoint_url) as cloudwatch:
             await run_disk(cloudwatch, config, args.disk, stop)
         return 0
-    redis = Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_socket_timeout_s,
-        socket_connect_timeout=settings.redis_socket_timeout_s,
-    )
+    redis = broker.async_client(settings)
     stop = asyncio.Event()
     install_stop_signals(stop)
     session = aiobotocore.session.get_session()
@@ -339,7 +335,7 @@ async def main(settings: Settings, argv: Sequence[str] = ()) -> int:
         async with session.create_client("cloudwatch", endpoint_url=settings.cloudwatch_endpoint_url) as cloudwatch:
             await QueueMetricsPublisher(redis, cloudwatch, config).run(stop)
     finally:
-        await redis.aclose()
+        await broker.aclose(redis)
     return 0
 
 
