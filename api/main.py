@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis.asyncio as aioredis
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI, Response
 from fastapi.openapi.utils import get_openapi
@@ -28,7 +27,7 @@ from api.publisher import BatchingPublisher
 from api.ratelimit import RateLimiter
 from api.responses import JSONResponse
 from api.routes import events, health, listings
-from sluice import keys
+from sluice import broker, keys
 from sluice.events import Event
 from sluice.logs import setup_logging
 from sluice.marks import AsyncMarks
@@ -44,23 +43,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         api_keys = ApiKeys(settings.api_keys)  # refuses to start without a key
-        # Its own client: the publish has a short timeout of its own (a stalled Redis is a fast 503/504).
-        publish_redis = aioredis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.publish_timeout_s,
-            socket_connect_timeout=settings.publish_timeout_s,
-        )
-        redis = aioredis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.redis_socket_timeout_s,
-            socket_connect_timeout=settings.redis_socket_timeout_s,
-        )
+        # Its own client: the publish has a short timeout of its own (a stalled Redis is a fast 503/504), which
+        # leaves room for the replicas' confirmation (WAIT) when one is required.
+        replica_wait_s = settings.redis_replica_timeout_ms / 1000 if settings.redis_min_replicas else 0.0
+        publish_timeout_s = settings.publish_timeout_s + replica_wait_s
+        publish_redis = broker.async_client(settings, timeout=publish_timeout_s)
+        redis = broker.async_client(settings)
         monitor = QueueMonitor(redis, settings.max_queue_depth, memory_ratio=settings.max_redis_memory_ratio)
         publisher = BatchingPublisher(
-            AsyncMarks(publish_redis).enqueue,
+            AsyncMarks(
+                publish_redis,
+                min_replicas=settings.redis_min_replicas,
+                replica_timeout_ms=settings.redis_replica_timeout_ms,
+            ).enqueue,
             max_events=settings.publish_max_events,
             linger_s=settings.publish_linger_ms / 1000,
-            deadline_s=settings.publish_timeout_s + 0.3,
+            deadline_s=publish_timeout_s + 0.3,
             max_pending_events=settings.max_pending_events,
             backlog_linger_s=settings.publish_backlog_linger_ms / 1000,
             backlogged=monitor.backlogged,
@@ -77,7 +75,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings=settings, publisher=publisher, cassandra=cassandra, redis=redis,
             api_keys=api_keys, limiter=limiter, monitor=monitor, page_token_key=page_token_key(settings),
         )  # fmt: skip
-        log.info("API ready: queue %s on %s", keys.EVENTS_QUEUE, _safe_url(settings.redis_url))
+        log.info("API ready: queue %s on %s", keys.EVENTS_QUEUE, broker.describe(settings))
+        if settings.redis_min_replicas:
+            log.info(
+                "a 202 waits for %d replica(s) to confirm the publish (WAIT, up to %d ms; else 504)",
+                settings.redis_min_replicas, settings.redis_replica_timeout_ms,
+            )  # fmt: skip
+        else:
+            log.info(
+                "a 202 waits for no replica (SLUICE_REDIS_MIN_REPLICAS=0): accepted events are on the primary "
+                "alone, and a failover may lose them; fine for one node, not for production (docs/guarantees.md)"
+            )
         try:
             yield
         finally:
@@ -92,8 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.warning("%d background tasks did not stop within 1 s; leaving them", len(stuck))
             await publisher.close()
             await cassandra.close()
-            await redis.aclose()
-            await publish_redis.aclose()
+            await broker.aclose(redis)
+            await broker.aclose(publish_redis)
             mark_process_dead(os.getpid())
 
     app = FastAPI(
@@ -156,14 +164,6 @@ def page_token_key(settings: Settings) -> bytes:
     API process of a deployment shares), so a token made by one process is good at every other."""
     secret = settings.page_token_secret or settings.api_keys
     return hashlib.sha256(b"sluice page tokens\0" + secret.get_secret_value().encode()).digest()
-
-
-def _safe_url(url: str) -> str:
-    # Never log a password that may be in the Redis URL.
-    if "@" in url:
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return url
 
 
 setup_logging()

@@ -26,6 +26,9 @@ DEAD_LETTERS: Final = "sluice:dead"
 #: between would otherwise lose that message.
 QUEUED: Final = "sluice:queued"
 QUEUED_INDEX: Final = "sluice:queued_index"
+#: Counter the enqueue script bumps when it finds existing marks, so that WAIT has a write to confirm that
+#: follows them (sluice/marks.py).
+REPLICATION_PROBE: Final = "sluice:replication_probe"
 #: Held by the one worker that re-queues lost events in a given round.
 RECOVERY_LOCK: Final = "sluice:recovery_lock"
 

@@ -27,6 +27,7 @@ from typing import Any, Final, cast
 import orjson
 import redis
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from sluice import keys
 from sluice.events import fingerprint
@@ -39,9 +40,11 @@ NEW: Final = "n"
 DUPLICATE: Final = "d"
 CONFLICT: Final = "c"
 
-# KEYS: queue, marks hash, marks index. ARGV: message, now, then (id, mark) per event.
-# Writes nothing and answers one status letter per event when any event already has a mark; else writes the
-# marks and the message and answers an empty list.
+# KEYS: queue, marks hash, marks index, replication probe. ARGV: message, now, then (id, mark) per event.
+# Writes nothing but the probe and answers one status letter per event when any event already has a mark; else
+# writes the marks and the message and answers an empty list. The probe is a write after the existing marks:
+# a replica that confirms it (WAIT) holds them too, so a duplicate is answered only once its first copy is on
+# as many nodes as a new event would be.
 _ENQUEUE = """#!lua
 local n = (#ARGV - 2) / 2
 local statuses = {}
@@ -57,7 +60,10 @@ for i = 1, n do
     statuses[i] = 'n'
   end
 end
-if clash then return statuses end
+if clash then
+  redis.call('INCR', KEYS[4])
+  return statuses
+end
 for i = 1, n do
   local id = ARGV[1 + 2 * i]
   redis.call('HSET', KEYS[2], id, ARGV[2 + 2 * i])
@@ -116,20 +122,61 @@ def _enqueue_args(message: Message, marks: Sequence[tuple[str, bytes]]) -> list[
     return argv
 
 
-_QUEUE_KEYS: Final = (keys.EVENTS_QUEUE, keys.QUEUED, keys.QUEUED_INDEX)
+_QUEUE_KEYS: Final = (keys.EVENTS_QUEUE, keys.QUEUED, keys.QUEUED_INDEX, keys.REPLICATION_PROBE)
+
+
+class ReplicasUnconfirmed(RuntimeError):
+    """The primary ran the publish, but fewer replicas than required confirmed it in time: the events may be on
+    the primary alone, where a failover could drop them. An unknown outcome, never a 202."""
 
 
 class AsyncMarks:
-    """The API's side: enqueue a message with its events' marks, on the event loop."""
+    """The API's side: enqueue a message with its events' marks, on the event loop.
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    With ``min_replicas``, the publish is answered only once that many replicas confirm it (Redis ``WAIT``,
+    bounded by ``replica_timeout_ms``); else :class:`ReplicasUnconfirmed` is raised."""
+
+    def __init__(self, client: aioredis.Redis, *, min_replicas: int = 0, replica_timeout_ms: int = 250) -> None:
+        self._client = client
         self._enqueue = client.register_script(_ENQUEUE)
+        self._min_replicas = min_replicas
+        self._replica_timeout_ms = replica_timeout_ms
 
     async def enqueue(self, message: Message, marks: Sequence[tuple[str, bytes]]) -> list[str]:
         """Write the marks and the message together; ``[]`` when done. Otherwise nothing was written and the
         answer holds one status per event: :data:`NEW`, :data:`DUPLICATE` or :data:`CONFLICT`."""
-        answer = await self._enqueue(keys=_QUEUE_KEYS, args=_enqueue_args(message, marks))
+        args = _enqueue_args(message, marks)
+        if self._min_replicas:
+            answer = await self._enqueue_confirmed(args)
+        else:
+            answer = await self._enqueue(keys=_QUEUE_KEYS, args=args)
         return [s.decode() if isinstance(s, bytes) else str(s) for s in cast("list[Any]", answer)]
+
+    async def _enqueue_confirmed(self, args: list[Any]) -> Any:
+        # The script and WAIT in one round trip, on one connection: WAIT counts the replicas that hold
+        # everything *this connection* wrote, so it must follow the script on the same connection. (redis-py's
+        # Script in a pipeline would first ask SCRIPT EXISTS, a round trip per publish: EVALSHA, and load the
+        # script only when a node does not know it, e.g. a primary just promoted.)
+        for attempt in range(2):
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.evalsha(self._enqueue.sha, len(_QUEUE_KEYS), *_QUEUE_KEYS, *args)
+                pipe.wait(self._min_replicas, self._replica_timeout_ms)
+                # Errors as values: redis-py's own pipeline error drops the server's text (e.g. NOREPLICAS).
+                answer, confirmed = await pipe.execute(raise_on_error=False)
+            if isinstance(answer, NoScriptError) and not attempt:
+                await self._client.script_load(_ENQUEUE)
+                continue
+            if isinstance(answer, Exception):
+                raise answer
+            if isinstance(confirmed, Exception):
+                raise confirmed
+            if int(confirmed) < self._min_replicas:
+                raise ReplicasUnconfirmed(
+                    f"{confirmed} of {self._min_replicas} required replicas confirmed the publish within "
+                    f"{self._replica_timeout_ms} ms"
+                )
+            return answer
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 class Marks:
