@@ -44,7 +44,9 @@ CONFLICT: Final = "c"
 # Writes nothing but the probe and answers one status letter per event when any event already has a mark; else
 # writes the marks and the message and answers an empty list. The probe is a write after the existing marks:
 # a replica that confirms it (WAIT) holds them too, so a duplicate is answered only once its first copy is on
-# as many nodes as a new event would be.
+# as many nodes as a new event would be. (Redis 7.0 already makes WAIT cover the offset at a client's last
+# command of any kind; later versions count only commands that propagated a write, so without the probe a
+# read-only run of the script would leave WAIT nothing to wait for.)
 _ENQUEUE = """#!lua
 local n = (#ARGV - 2) / 2
 local statuses = {}

@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -89,14 +90,14 @@ def pair(tmp_path: Path) -> Iterator[tuple[_Redis, _Redis]]:
         primary.stop()
 
 
-def _publish(settings: Settings, min_replicas: int) -> list[str]:
+def _publish(settings: Settings, min_replicas: int, event: dict[str, Any] | None = None) -> list[str]:
     """One publish through the API's path (the enqueue script, then WAIT), on a client of its own."""
+    event = event or view()
 
     async def go() -> list[str]:
         client = broker.async_client(settings)
         try:
             marks = AsyncMarks(client, min_replicas=min_replicas, replica_timeout_ms=200)
-            event = view()
             msg = message.build([event], accepted_at=time.time(), request_ids=["t"])
             return await marks.enqueue(msg, [(event["event_id"], mark_value(event, time.time()))])
         finally:
@@ -122,6 +123,22 @@ def test_a_publish_waits_for_its_replica(pair: tuple[_Redis, _Redis]) -> None:
             _publish(settings, 1)
     finally:
         os.kill(replica.proc.pid, signal.SIGCONT)
+
+
+def test_a_duplicate_is_answered_only_once_its_first_copy_is_confirmed(pair: tuple[_Redis, _Redis]) -> None:
+    """A re-post finds the first copy's mark and writes nothing new; it is still answered only once a replica
+    confirms (the enqueue script's probe write gives WAIT an offset to wait for on any Redis version)."""
+    primary, replica = pair
+    settings = Settings(redis_url=f"redis://127.0.0.1:{primary.port}/0")
+    event = view()
+    assert _publish(settings, 1, event) == []
+    os.kill(replica.proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(ReplicasUnconfirmed):
+            _publish(settings, 1, event)
+    finally:
+        os.kill(replica.proc.pid, signal.SIGCONT)
+    assert _publish(settings, 1, event) == ["d"]
 
 
 def test_clients_find_the_primary_through_sentinel(pair: tuple[_Redis, _Redis], tmp_path: Path) -> None:
