@@ -66,10 +66,10 @@ containers: setup ## a Docker engine, compose v2 and every image compose names (
 	  wait $$compose; built=$$?; \
 	  [ $$images = 0 ] && [ $$built = 0 ] || { echo "[containers] FAILED (images: $$images, compose: $$built)" >&2; exit 1; }; }
 
-containers-check: deps ## hadolint on the stand-ins' Dockerfiles, compose schema of compose.ring.yaml and the test override
-	@echo "[sluice] containers: hadolint stand-ins, compose schema of the ring and test overrides"
+containers-check: deps ## hadolint on the stand-ins' Dockerfiles, compose schema of the ring, HA and test overrides
+	@echo "[sluice] containers: hadolint stand-ins, compose schema of the ring, HA and test overrides"
 	@$(VENV)/bin/hadolint --failure-threshold info containers/standin/*/Dockerfile
-	@$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec compose.ring.yaml tests/containers/compose.test.yaml
+	@$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec compose.ring.yaml compose.ha.yaml tests/containers/compose.test.yaml
 
 container-test: containers ## the container suite: images, compose up/down, SIGTERM under load, the Cassandra ring
 	@$(VENV)/bin/pytest -m containers -p no:cacheprovider -s -v tests/containers $(PYTEST_ARGS)

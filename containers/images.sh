@@ -55,7 +55,7 @@ standin_python() {
 }
 
 standin_redis() {
-  have sluice-standin/redis-base:latest || import_rootfs sluice-standin/redis-base:latest redis-server
+  have sluice-standin/redis-base:sentinel || import_rootfs sluice-standin/redis-base:sentinel redis-server,redis-sentinel
   step "docker build $REDIS_IMAGE (stand-in)" "$LOGS/build-redis.log" \
     docker build --label org.sluice.standin=true --label "org.sluice.standin.hash=$STANDIN_HASH" \
       -t "$REDIS_IMAGE" containers/standin/redis

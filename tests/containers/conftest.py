@@ -175,3 +175,15 @@ def ring(docker_ready: None) -> Iterator[Compose]:
         yield stack
     finally:
         stack.down()
+
+
+@pytest.fixture(scope="module")
+def ha(docker_ready: None) -> Iterator[Compose]:
+    """compose.yaml plus compose.ha.yaml: a Redis primary, a replica and three sentinels; one replica confirms."""
+    stack = Compose("sluice-ha", ["compose.yaml", "compose.ha.yaml", TEST_FILE], api_port=18800)
+    stack.run("down", "--volumes", "--remove-orphans", timeout=300)
+    try:
+        stack.up("--scale", "worker=2")
+        yield stack
+    finally:
+        stack.down()

@@ -59,6 +59,8 @@ class Load:
     #: Answers that are neither 202 nor a 503 with Retry-After (the API must not answer those under our faults).
     bad_answers: list[str] = field(default_factory=list)
     sent_requests: int = 0
+    #: Every answer but a 202, as (when it came, on this machine's monotonic clock; what it was).
+    errors: list[tuple[float, str]] = field(default_factory=list)
 
     def to_json(self) -> str:
         h = self.history
@@ -71,6 +73,7 @@ class Load:
                 "requests": dict(self.requests),
                 "bad_answers": self.bad_answers,
                 "sent_requests": self.sent_requests,
+                "errors": self.errors,
             }
         )
 
@@ -85,6 +88,7 @@ class Load:
             requests=Counter(data["requests"]),
             bad_answers=data["bad_answers"],
             sent_requests=data["sent_requests"],
+            errors=[(at, what) for at, what in data["errors"]],
         )
 
 
@@ -226,14 +230,18 @@ class _Generator:
             for i in ids:
                 h.failed[i] = Failure(i, 0, "connect_error", None, time.monotonic() - began, began)
             self.load.requests["connect_error"] += 1
+            self.load.errors.append((time.monotonic(), "connect_error"))
             return
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError) as exc:
             # Sent, but no whole answer: the request may or may not have taken effect.
             connection.close()
             h.unknown.update(ids)
             self.load.requests[type(exc).__name__] += 1
+            self.load.errors.append((time.monotonic(), type(exc).__name__))
             return
         self.load.requests[str(answer.status)] += 1
+        if answer.status != 202:
+            self.load.errors.append((time.monotonic(), str(answer.status)))
         if answer.status == 202:
             results = orjson.loads(answer.body)["results"]
             for i, result in zip(ids, results, strict=True):
