@@ -76,6 +76,8 @@ def up(profile: Profile) -> int:
         say(f"Sluice is up in {time.monotonic() - started:.0f} s:")
         say(f"  API      {base}   (docs: {base}/docs, OpenAPI: {base}/openapi.json)")
         say(f"  Redis    redis://127.0.0.1:{profile.redis_port}   log: {servers.redis and servers.redis.log_path}")
+        say("           one node, no replica: a 202 means the events are in its AOF (SLUICE_REDIS_MIN_REPLICAS=0);")
+        say("           for a queue that survives losing a node, see compose.ha.yaml (README: High availability)")
         say(f"  Cassandra 127.0.0.1:{profile.cassandra_port}   log: {servers.cassandra and servers.cassandra.log_path}")
         say(f"  API key  {api_key}   (kept in {profile.root / 'api-key'})")
         say("  try it:")
