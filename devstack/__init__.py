@@ -16,7 +16,10 @@ from devstack._cassandra import CASSANDRA_VERSION, cassandra_process, fetch_jars
 from devstack._proc import ManagedProcess, StackError, say
 from devstack._redis import redis_process, start_redis
 
-__all__ = ["CASSANDRA_VERSION", "PROFILES", "Profile", "Servers", "StackError", "fetch_jars", "say"]
+__all__ = [
+    "CASSANDRA_VERSION", "PROFILES", "Profile", "Servers", "StackError", "fetch_jars", "redis_process", "say",
+    "start_redis",
+]  # fmt: skip
 
 PROJECT = Path(__file__).resolve().parent.parent
 

@@ -36,7 +36,8 @@ def find_redis_server() -> str:
     return found
 
 
-def redis_process(root: Path, port: int, maxmemory: str) -> ManagedProcess:
+def redis_process(root: Path, port: int, maxmemory: str, *, replica_of: int | None = None) -> ManagedProcess:
+    """Redis on 127.0.0.1:``port``; with ``replica_of``, a replica of the Redis on that local port."""
     data = root / "redis"
     data.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -58,6 +59,8 @@ def redis_process(root: Path, port: int, maxmemory: str) -> ManagedProcess:
         "--maxmemory-policy", "noeviction",
         "--loglevel", "notice",
     ]  # fmt: skip
+    if replica_of is not None:
+        argv += ["--replicaof", "127.0.0.1", str(replica_of)]
     return ManagedProcess(
         "redis",
         argv,

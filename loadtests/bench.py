@@ -40,7 +40,7 @@ import sys
 import time
 from array import array
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 import redis
@@ -61,7 +61,7 @@ from loadtests.common import (
     say,
 )
 from loadtests.loadgen import OnResponse, Result, generate
-from loadtests.stack import REDIS_URL, Stack, StackConfig
+from loadtests.stack import PROFILE, REDIS_URL, Stack, StackConfig
 from loadtests.verify import Accepted, Checker, CheckResult, queue_depth, wait_drained
 
 OUT = BUILD / "bench"
@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--listings", type=int, default=10_000, help="listings per phase, Zipf popularity (10,000)")
     g.add_argument("--budget-s", type=float, default=330.0,
                    help="stop adding rate steps when the run would overrun this many seconds (330)")  # fmt: skip
-    g.add_argument("--skip", default="", help="phases to skip, comma-separated: single,ceiling,batch,drain,lag")
+    g.add_argument("--skip", default="", help="phases to skip, comma-separated: single,ceiling,batch,drain,lag,replica")
     g.add_argument("--py-spy", action="store_true",
                    help="profile the API during the lag phase and the workers during the drain phase")  # fmt: skip
     g.add_argument("--py-spy-format", default="flamegraph", choices=["flamegraph", "raw", "speedscope"])
@@ -226,6 +226,62 @@ class Bench:
         p50 = round(res.quantile_ms(0.5), 2)
         say(f"  at 100/s: p50 {p50} ms, p99 {res.quantile_ms(0.99):.1f} ms")
         return {"single_p50_ms_at_100": p50, "single_p99_ms_at_100": round(res.quantile_ms(0.99), 2)}
+
+    def replica(self, single_rps: float | None) -> dict[str, Any]:
+        """The price of a 202 on two nodes: a replica of the bench's Redis, and a second API that answers only
+        once it confirmed (SLUICE_REDIS_MIN_REPLICAS=1); 100 single events/s, then rising rates to the best with
+        p99 under the bar. Beside the single-node figures of the same run (``single_*``)."""
+        from devstack import redis_process, start_redis
+        from devstack.services import start_api, stop_services
+
+        a = self.args
+        say("phase replica: a Redis replica and an API waiting for it (SLUICE_REDIS_MIN_REPLICAS=1)")
+        self.ensure_empty_queue()
+        port = PROFILE.redis_port + 1000
+        node = redis_process(OUT / "replica", port, "512mb", replica_of=PROFILE.redis_port)
+        start_redis(node, port)
+        replica = redis.Redis(port=port, socket_timeout=2)
+        api = None
+        saved_port = self.port
+        try:
+            deadline = time.monotonic() + 30
+            while cast("dict[str, Any]", replica.info("replication")).get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise StackError(f"the replica on :{port} did not sync with the bench's Redis within 30 s")
+                time.sleep(0.2)
+            env = self.stack.env | {"SLUICE_REDIS_MIN_REPLICAS": "1"}
+            api = start_api("api-wait", env, self.stack.log_dir, port=PROFILE.api_port + 2, run_dir=self.stack.run_dir)
+            self.port = PROFILE.api_port + 2
+            out = {f"wait_{key}": value for key, value in self.p50_at_100().items()}
+            # Rising rates as in the single phase, from the first step up to the first failure.
+            steps = [float(x) for x in a.steps.split(",") if x.strip()]
+            best: dict[str, Any] | None = None
+            results = []
+            for rate in steps:
+                if single_rps and rate > 1.5 * single_rps:
+                    break  # past what one node sustained in this run: cannot pass with a replica waiting too
+                self.ensure_empty_queue()
+                step = self.single_step(rate)
+                results.append(step)
+                if not step["pass"]:
+                    break
+                best = step
+            out |= {
+                "wait_steps": results,
+                "wait_single_rps": best["http"]["achieved_rps"] if best else 0.0,
+                "wait_single_p99_ms": best["http"]["p99_ms"] if best else None,
+            }
+            if single_rps:
+                out["wait_single_rps_ratio"] = round(out["wait_single_rps"] / single_rps, 3)
+            say(f"  with a replica confirming: {out['wait_single_rps']:,.0f} req/s under the p99 bar "
+                f"(one node: {single_rps or 0:,.0f})")  # fmt: skip
+            return out
+        finally:
+            self.port = saved_port
+            if api is not None:
+                stop_services([api])
+            replica.close()
+            node.stop()
 
     def ceiling(self, events: int) -> dict[str, Any]:
         from loadtests.ceiling import measure
@@ -567,6 +623,11 @@ def print_table(summary: dict[str, Any]) -> None:
         ("single_rps", "single events, p99 bar, end to end (req/s)", f"p99 {summary.get('single_p99_ms')} ms"),
         ("single_max_rps", "single events, highest sustained (req/s)", "any latency"),
         ("single_p50_ms_at_100", "single events at 100/s, p50 (ms)", ""),
+        ("single_p99_ms_at_100", "single events at 100/s, p99 (ms)", ""),
+        ("wait_single_p50_ms_at_100", "  a replica confirming: p50 at 100/s (ms)", "SLUICE_REDIS_MIN_REPLICAS=1"),
+        ("wait_single_p99_ms_at_100", "  a replica confirming: p99 at 100/s (ms)", ""),
+        ("wait_single_rps", "  a replica confirming: p99 bar (req/s)", f"p99 {summary.get('wait_single_p99_ms')} ms"),
+        ("wait_single_rps_ratio", "  ... / single events, one node", "same run"),
         ("lag_p50_ms", "accepted -> readable p50 (ms)", lag_note),
         ("lag_p99_ms", "accepted -> readable p99 (ms)", lag_note),
         ("api_rss_mb", "API peak RSS per process (MB)", ""),
@@ -653,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
                 summary["batch_ratio"] = round(summary["batch_events_per_s"] / summary["ceiling_events_per_s"], 3)
         if "lag" not in skip:
             summary |= bench.lag()
+        if "replica" not in skip:
+            summary |= bench.replica(summary.get("single_rps"))
         summary |= bench.memory()
         summary |= {"lost": bench.lost, "duplicated": bench.duplicated, "checked": bench.checked,
                     "unexpected": bench.unexpected, "conflicting": bench.conflicting}  # fmt: skip
