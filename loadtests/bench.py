@@ -227,7 +227,7 @@ class Bench:
         say(f"  at 100/s: p50 {p50} ms, p99 {res.quantile_ms(0.99):.1f} ms")
         return {"single_p50_ms_at_100": p50, "single_p99_ms_at_100": round(res.quantile_ms(0.99), 2)}
 
-    def replica(self, single_rps: float | None) -> dict[str, Any]:
+    def replica(self, single_rps: float | None, single_rates: Sequence[float]) -> dict[str, Any]:
         """The price of a 202 on two nodes: a replica of the bench's Redis, and a second API that answers only
         once it confirmed (SLUICE_REDIS_MIN_REPLICAS=1); 100 single events/s, then rising rates to the best with
         p99 under the bar. Beside the single-node figures of the same run (``single_*``)."""
@@ -253,13 +253,12 @@ class Bench:
             api = start_api("api-wait", env, self.stack.log_dir, port=PROFILE.api_port + 2, run_dir=self.stack.run_dir)
             self.port = PROFILE.api_port + 2
             out = {f"wait_{key}": value for key, value in self.p50_at_100().items()}
-            # Rising rates as in the single phase, from the first step up to the first failure.
-            steps = [float(x) for x in a.steps.split(",") if x.strip()]
+            # The rates the single phase tried (else --steps), rising, up to the first failure: the same bar at
+            # the same rates, so the two searches compare step by step.
+            steps = sorted(set(single_rates)) or [float(x) for x in a.steps.split(",") if x.strip()]
             best: dict[str, Any] | None = None
             results = []
             for rate in steps:
-                if single_rps and rate > 1.5 * single_rps:
-                    break  # past what one node sustained in this run: cannot pass with a replica waiting too
                 self.ensure_empty_queue()
                 step = self.single_step(rate)
                 results.append(step)
@@ -715,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         if "lag" not in skip:
             summary |= bench.lag()
         if "replica" not in skip:
-            summary |= bench.replica(summary.get("single_rps"))
+            summary |= bench.replica(summary.get("single_rps"), [s["target_rps"] for s in summary.get("steps", [])])
         summary |= bench.memory()
         summary |= {"lost": bench.lost, "duplicated": bench.duplicated, "checked": bench.checked,
                     "unexpected": bench.unexpected, "conflicting": bench.conflicting}  # fmt: skip
