@@ -71,8 +71,8 @@ containers-check: deps ## hadolint on the stand-ins' Dockerfiles, compose schema
 	@$(VENV)/bin/hadolint --failure-threshold info containers/standin/*/Dockerfile
 	@$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec compose.ring.yaml compose.ha.yaml tests/containers/compose.test.yaml
 
-container-test: containers ## the container suite: images, compose up/down, SIGTERM under load, the Cassandra ring
-	@$(VENV)/bin/pytest -m containers -p no:cacheprovider -s -v tests/containers $(PYTEST_ARGS)
+container-test: containers ## the container suite, two groups at once: images, compose, SIGTERM, the HA queue; the ring
+	@bash tests/containers/run-parallel.sh $(PYTEST_ARGS)
 
 loadtest: setup ## locust at a fixed rate against the running stack (starts one if none); ARGS="--rate 100 --duration 60"
 	@$(SLUICE) loadtest $(ARGS)
