@@ -120,7 +120,18 @@ def test_data(templates: dict[str, Any]) -> None:
     assert redis["TransitEncryptionEnabled"]
     assert redis["AtRestEncryptionEnabled"]
     assert "resolve:secretsmanager" in json.dumps(redis["AuthToken"])
-    assert data["RedisParameters"]["Properties"]["Properties"]["maxmemory-policy"] == "noeviction"
+    parameters = data["RedisParameters"]["Properties"]["Properties"]
+    assert parameters["maxmemory-policy"] == "noeviction"
+    # A 202 is on two nodes: the primary refuses writes without a replica in reach, and the API waits (WAIT) for
+    # as many replicas as the primary requires, a number the data stack hands to the services stack.
+    assert int(parameters["min-slaves-to-write"]) >= 1
+    assert int(parameters["min-slaves-max-lag"]) <= 10
+    assert templates["data"]["Outputs"]["RedisMinReplicas"]["Value"] == parameters["min-slaves-to-write"]
+    node_count = templates["data"]["Parameters"]["RedisNodeCount"]
+    # Every replica-count the stack allows leaves a replica to confirm writes after one node is lost.
+    assert node_count["Default"] == 3
+    assert min(node_count["AllowedValues"]) > int(parameters["min-slaves-to-write"])
+    assert redis["NumCacheClusters"] == {"Ref": "RedisNodeCount"}
     task = data["CassandraTaskDefinition"]["Properties"]
     assert task["NetworkMode"] == "host"
     assert {"Name": "data", "Host": {"SourcePath": "/data/cassandra"}} in task["Volumes"]
@@ -169,6 +180,20 @@ def test_services(templates: dict[str, Any]) -> None:
     rule = services["PublicRoutes"]["Properties"]
     assert rule["Conditions"] == [{"Field": "path-pattern", "PathPatternConfig": {"Values": ["/v1/*", "/healthz"]}}]
     assert {"Key": "deregistration_delay.timeout_seconds", "Value": "30"} in group["TargetGroupAttributes"]
+    # The API waits for the replicas the data stack's primary requires, and the value cannot be 0 (a Number
+    # parameter with MinValue 1, fed from the data stack's output by the deploy tool).
+    api_env = {e["Name"]: e.get("Value") for e in services["ApiTaskDefinition"]["Properties"]["ContainerDefinitions"][
+        0]["Environment"]}  # fmt: skip
+    assert api_env["SLUICE_REDIS_MIN_REPLICAS"] == {"Ref": "RedisMinReplicas"}
+    assert api_env["SLUICE_REDIS_REPLICA_TIMEOUT_MS"] == {"Ref": "RedisReplicaTimeoutMs"}
+    min_replicas = templates["services"]["Parameters"]["RedisMinReplicas"]
+    assert min_replicas["Type"] == "Number"
+    assert min_replicas["MinValue"] >= 1
+    assert min_replicas["Default"] >= 1
+    from infra.deploy import DeployConfig, Output, stack_parameters
+
+    wired = stack_parameters(DeployConfig(region="us-east-1"), "services")["RedisMinReplicas"]
+    assert wired == Output("data", "RedisMinReplicas")
     api = services["ApiService"]["Properties"]
     assert api["DeploymentConfiguration"]["DeploymentCircuitBreaker"] == {"Enable": True, "Rollback": True}
     assert {"Type": "spread", "Field": "attribute:ecs.availability-zone"} in api["PlacementStrategies"]
