@@ -203,14 +203,11 @@ def test_services(templates: dict[str, Any]) -> None:
     }
     assert any("ALBRequestCountPerTarget" in k for k in kinds)
     assert any("CPUUtilization" in k for k in kinds)
-    # The worker: a warm shutdown outlasts a task's time limit; one per instance; the publisher beside it.
+    # The worker: a warm shutdown outlasts a task's time limit; the publisher beside it (and one worker per
+    # instance: test_a_worker_on_every_app_instance).
     worker = services["WorkerTaskDefinition"]["Properties"]["ContainerDefinitions"][0]
     limit = next(e["Value"] for e in worker["Environment"] if e["Name"] == "SLUICE_TASK_TIME_LIMIT_S")
     assert worker["StopTimeout"] > int(limit)
-    assert not any(
-        r["Properties"].get("SchedulingStrategy") == "DAEMON"
-        for r in resources(templates["services"], "AWS::ECS::Service").values()
-    )
     publisher = services["QueueMetricsTaskDefinition"]["Properties"]["ContainerDefinitions"]
     assert [c["Command"] for c in publisher] == [["sluice", "cloudwatch"]]
     assert worker["Command"] == ["sluice", "worker"]
@@ -228,6 +225,58 @@ def test_services(templates: dict[str, Any]) -> None:
     assert policy["Action"] == "cloudwatch:PutMetricData"
     assert policy["Condition"] == {"StringEquals": {"cloudwatch:namespace": {"Ref": "MetricsNamespace"}}}
     json.loads(re.sub(r"\$\{[^}]+\}", "x", services["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"][0]))
+
+
+def test_a_worker_on_every_app_instance(templates: dict[str, Any]) -> None:
+    """The design's floor, "a celery worker process on each instance": a DAEMON service runs the worker's
+    container on every app instance, beside the scaled worker service (which alone may leave an instance
+    without one). cfn-lint accepts a DAEMON with a capacity provider or placement strategy, which ECS refuses."""
+    services = templates["services"]["Resources"]
+
+    def containers(service: dict[str, Any]) -> list[dict[str, Any]]:
+        task = services[service["Properties"]["TaskDefinition"]["Ref"]]["Properties"]
+        return task["ContainerDefinitions"]  # type: ignore[no-any-return]
+
+    ecs_services = resources(templates["services"], "AWS::ECS::Service")
+    daemons = {
+        name: r
+        for name, r in ecs_services.items()
+        if r["Properties"].get("SchedulingStrategy") == "DAEMON"
+        and [c["Command"] for c in containers(r)] == [["sluice", "worker"]]
+    }
+    assert len(daemons) == 1, f"no DAEMON service runs the worker: {sorted(ecs_services)}"
+    ((name, daemon),) = daemons.items()
+    props = daemon["Properties"]
+    # What ECS allows a DAEMON: the EC2 launch type, constraints but no strategies, no count, no scaling.
+    assert props["LaunchType"] == "EC2"
+    assert not {"CapacityProviderStrategy", "PlacementStrategies", "DesiredCount"} & set(props), name
+    targets = resources(templates["services"], "AWS::ApplicationAutoScaling::ScalableTarget").values()
+    assert not any(name in json.dumps(t["Properties"]["ResourceId"]) for t in targets)
+    # On the app instances, which are the ones that say sluice.role == app.
+    task = services[props["TaskDefinition"]["Ref"]]["Properties"]
+    app_only = {"Type": "memberOf", "Expression": "attribute:sluice.role == app"}
+    assert app_only in props["PlacementConstraints"]
+    assert app_only in task["PlacementConstraints"]
+    boot = templates["cluster"]["Resources"]["AppLaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]
+    assert 'ECS_INSTANCE_ATTRIBUTES={"sluice.role": "app"}' in json.dumps(boot).replace('\\"', '"')
+    # The worker's container, smaller: one pool process; everything else alike (image, settings, secrets,
+    # health check, stop timeout), so a change to the worker cannot leave the baseline behind.
+    (baseline,) = containers(daemon)
+    (scaled,) = services["WorkerTaskDefinition"]["Properties"]["ContainerDefinitions"]
+    environment = {e["Name"]: e["Value"] for e in baseline["Environment"]}
+    assert environment.pop("SLUICE_WORKER_CONCURRENCY") == "1"
+    assert environment == {e["Name"]: e["Value"] for e in scaled["Environment"]}
+    assert int(baseline["Cpu"]) < int(templates["services"]["Parameters"]["WorkerCpu"]["Default"])
+    assert int(baseline["Memory"]) < int(templates["services"]["Parameters"]["WorkerMemoryMiB"]["Default"])
+    for key in set(scaled) | set(baseline):
+        if key not in ("Cpu", "Memory", "Environment", "LogConfiguration"):
+            assert baseline.get(key) == scaled.get(key), key
+    options = {**baseline["LogConfiguration"]["Options"], "awslogs-stream-prefix": "worker"}
+    assert options == scaled["LogConfiguration"]["Options"]
+    # The scaled service stays: REPLICA, at least one task per zone, under its scaling policy.
+    worker = services["WorkerService"]["Properties"]
+    assert worker.get("SchedulingStrategy", "REPLICA") == "REPLICA"
+    assert templates["services"]["Parameters"]["WorkerMinTasks"]["MinValue"] >= 3
 
 
 def test_every_template(templates: dict[str, Any]) -> None:
