@@ -220,6 +220,7 @@ def stack_parameters(config: DeployConfig, key: str) -> dict[str, ParameterValue
             "AlarmTopicArn": Output("data", "AlarmTopicArn"),
             "RedisUrlSecretArn": Output("data", "RedisUrlSecretArn"),
             "RedisReplicationGroupId": Output("data", "RedisReplicationGroupId"),
+            "RedisMinReplicas": Output("data", "RedisMinReplicas"),
             "CassandraContactPoints": Output("data", "CassandraContactPoints"),
             "CassandraPort": Output("data", "CassandraPort"),
             "CassandraReplication": Output("data", "CassandraReplication"),

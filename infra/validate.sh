@@ -6,7 +6,8 @@
 #   checkov           infra/*.yaml (cloudformation) and Dockerfile (dockerfile); skips carry their reason inline.
 #                     The templates also go through our own policies, infra/rules/ (CKV_SLUICE_*, checkov custom
 #                     checks: persistent Cassandra data, one node per zone, /healthz, circuit breakers, no binpack
-#                     with zone rebalancing, IMDSv2, encryption, deletion protection, public routes, health checks)
+#                     with zone rebalancing, IMDSv2, encryption, deletion protection, public routes, health checks,
+#                     a broker that keeps an acknowledged write, an API that waits for a replica before its 202)
 # Nothing here needs the network: checkov is kept from the Bridgecrew platform (--skip-download,
 # BC_SKIP_MAPPING) and every step runs under a timeout, so a blocked connection cannot hang the build.
 set -euo pipefail

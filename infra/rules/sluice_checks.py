@@ -241,6 +241,99 @@ class LongRunningContainersHaveHealthChecks(_Check):
         return all(c.get("HealthCheck") for c in containers if _is_true(c.get("Essential", True)))
 
 
+def _count(value: Any) -> int | None:
+    """A count as CloudFormation writes it (1, "1"); None when it is not a literal (an unresolved function)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(str(value))
+    except ValueError:
+        return None
+
+
+class BrokerKeepsAcknowledgedWrites(_Check):
+    """The broker keeps what the API acknowledged: a failover promotes a replica, and no primary takes writes
+    without one.
+
+    ElastiCache replicates asynchronously; a 202 survives the primary's loss only because a replica confirmed it
+    (the API's WAIT, CKV_SLUICE_12) and that replica is promoted (Multi-AZ, automatic failover, a second node).
+    The primary's parameter group makes it refuse writes when no replica is in reach (``min-slaves-to-write``,
+    ``min-replicas-to-write`` in Redis's newer name), so an isolated old primary cannot take events that the
+    failover drops; the default parameter groups leave it at 0 and cannot be changed, so a group of our own is
+    required.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "CKV_SLUICE_11",
+            "The Redis broker fails over to a replica and refuses writes that no replica can receive",
+            ["AWS::ElastiCache::ReplicationGroup", "AWS::ElastiCache::ParameterGroup"],
+            CheckCategories.BACKUP_AND_RECOVERY,
+        )
+
+    def scan_resource_conf(self, conf: dict[str, Any]) -> CheckResult:
+        properties = _properties(conf)
+        if conf.get("Type") == "AWS::ElastiCache::ParameterGroup":
+            ok = self._parameters_pass(properties)
+        else:
+            ok = self._group_passes(properties)
+        return CheckResult.PASSED if ok else CheckResult.FAILED
+
+    @staticmethod
+    def _group_passes(properties: dict[str, Any]) -> bool:
+        if properties.get("Engine", "redis") not in ("redis", "valkey"):
+            return True
+        nodes = _count(properties.get("NumCacheClusters"))
+        if nodes is None and "NumCacheClusters" not in properties:  # cluster mode: node groups of 1 + replicas
+            replicas = _count(properties.get("ReplicasPerNodeGroup"))
+            nodes = None if replicas is None else replicas + 1
+        return (
+            _is_true(properties.get("AutomaticFailoverEnabled"))
+            and _is_true(properties.get("MultiAZEnabled"))
+            and nodes is not None
+            and nodes >= 2
+            and bool(properties.get("CacheParameterGroupName"))
+        )
+
+    @staticmethod
+    def _parameters_pass(properties: dict[str, Any]) -> bool:
+        family = str(properties.get("CacheParameterGroupFamily", ""))
+        if not family.startswith(("redis", "valkey")):
+            return True  # memcached keeps no queue
+        values = properties.get("Properties")
+        values = values if isinstance(values, dict) else {}
+        required = [_count(values.get(name)) for name in ("min-slaves-to-write", "min-replicas-to-write")]
+        return any(n is not None and n >= 1 for n in required)
+
+
+class ApiWaitsForAReplica(_Check):
+    """The API answers 202 only once a replica confirmed the publish (``SLUICE_REDIS_MIN_REPLICAS`` >= 1).
+
+    Without it (the setting's default is 0, for one local node) a 202 means the events are on the primary alone,
+    and an ElastiCache failover can drop them. The API's container is the one running ``sluice api``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "CKV_SLUICE_12",
+            "The API task waits for a Redis replica before it acknowledges events (SLUICE_REDIS_MIN_REPLICAS >= 1)",
+            ["AWS::ECS::TaskDefinition"],
+            CheckCategories.BACKUP_AND_RECOVERY,
+        )
+
+    def passes(self, properties: dict[str, Any]) -> bool:
+        for container in properties.get("ContainerDefinitions") or []:
+            if not isinstance(container, dict) or container.get("Command") != ["sluice", "api"]:
+                continue
+            environment = {
+                e.get("Name"): e.get("Value") for e in container.get("Environment") or [] if isinstance(e, dict)
+            }
+            replicas = _count(environment.get("SLUICE_REDIS_MIN_REPLICAS"))
+            if replicas is None or replicas < 1:
+                return False
+        return True
+
+
 data_volumes_outlive_instances = DataVolumesOutliveInstances()
 one_cassandra_node_per_zone = OneCassandraNodePerZone()
 liveness_health_check = LivenessHealthCheck()
@@ -251,3 +344,5 @@ encrypted_everywhere = EncryptedEverywhere()
 deletion_protection_not_on_create = DeletionProtectionNotOnCreate()
 only_public_routes_at_the_edge = OnlyPublicRoutesAtTheEdge()
 long_running_containers_have_health_checks = LongRunningContainersHaveHealthChecks()
+broker_keeps_acknowledged_writes = BrokerKeepsAcknowledgedWrites()
+api_waits_for_a_replica = ApiWaitsForAReplica()

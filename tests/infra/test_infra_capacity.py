@@ -108,8 +108,9 @@ class Plan:
     cassandra_vcpu: float
 
 
-def plan(row: Row, k: dict[str, float], reserved_mib: float) -> Plan:
-    """A row from the per-task costs, with the formulas of docs/deploy.md."""
+def plan(row: Row, k: dict[str, float], reserved_mib: float, daemon: tuple[int, int] = (0, 0)) -> Plan:
+    """A row from the per-task costs, with the formulas of docs/deploy.md (the baseline workers, a DAEMON, take
+    their room on every instance first; their draining is not counted, so the worker tasks are an upper bound)."""
     floor = int(k["min_tasks_per_zone"] * k["zones"])
     if row.batched:
         api_rate = 1000 / k["api_ms_per_batched_event"]  # events/s per task
@@ -119,7 +120,7 @@ def plan(row: Row, k: dict[str, float], reserved_mib: float) -> Plan:
         worker_rate = 1000 / k["worker_ms_per_event_single"]
     api = max(floor, math.ceil(row.events_per_s / api_rate * k["headroom"]))
     workers = max(floor, math.ceil(row.events_per_s / worker_rate * k["headroom"]))
-    per_instance = tasks_per_instance(row.app_type, k, reserved_mib)
+    per_instance = tasks_per_instance(row.app_type, k, reserved_mib, daemon)
     instances = max(int(k["zones"]), math.ceil((api + workers) / per_instance / k["target_capacity"]))
     cassandra = row.events_per_s * k["cassandra_ms_per_event"] / 1000 * 3 * k["compaction_factor"]
     return Plan(api, workers, instances, cassandra)
@@ -147,7 +148,7 @@ def reserved_memory(cluster: dict[str, Any]) -> float:
 
 
 def daemon_reservation(services: dict[str, Any]) -> tuple[int, int]:
-    """CPU units and MiB that DAEMON services reserve on every app instance (none since the worker daemon went)."""
+    """CPU units and MiB that DAEMON services reserve on every app instance (the baseline worker)."""
     cpu = memory = 0
     resources = services["Resources"]
     for res in resources.values():
@@ -174,7 +175,7 @@ def test_rows_follow_from_the_costs_and_fit_the_templates(doc: str, templates: d
     api_max, worker_max = default(services, "ApiMaxTasks"), default(services, "WorkerMaxTasks")
     app_max = default(cluster, "AppMaxInstances")
     for row in rows:
-        expected = plan(row, k, reserved)
+        expected = plan(row, k, reserved, daemon)
         assert (row.api_tasks, row.worker_tasks, row.app_instances) == (
             expected.api,
             expected.workers,
@@ -191,16 +192,20 @@ def test_rows_follow_from_the_costs_and_fit_the_templates(doc: str, templates: d
         assert row.api_tasks <= api_max, f"{row.load}: ApiMaxTasks {api_max} < {row.api_tasks}"
         assert row.worker_tasks <= worker_max, f"{row.load}: WorkerMaxTasks {worker_max} < {row.worker_tasks}"
         assert row.app_instances <= app_max, f"{row.load}: AppMaxInstances {app_max} < {row.app_instances}"
-        # Tasks (and any daemon) fit the row's instance type.
-        assert tasks_per_instance(row.app_type, k, reserved, daemon) >= 1
+        # Beside the daemon, the row's instance type still takes one task per vCPU: the daemon strands nothing.
+        vcpu = INSTANCE_TYPES[row.app_type][0]
+        assert tasks_per_instance(row.app_type, k, reserved, daemon) == vcpu, f"{row.load}: {daemon} strands a task"
 
 
 def test_every_service_at_its_maximum_fits_the_app_group(doc: str, templates: dict[str, Any]) -> None:
     k = doc_inputs(doc)
     services, cluster = templates["services"], templates["cluster"]
     instance_type = default(cluster, "AppInstanceType")
-    per_instance = tasks_per_instance(instance_type, k, reserved_memory(cluster), daemon_reservation(services))
-    assert per_instance == int(INSTANCE_TYPES[instance_type][0] * 1024 // k["task_cpu_units"])  # nothing stranded
+    daemon = daemon_reservation(services)
+    assert daemon != (0, 0), "no DAEMON reservation: the baseline worker is gone (test_infra_templates)"
+    per_instance = tasks_per_instance(instance_type, k, reserved_memory(cluster), daemon)
+    # Nothing stranded: one task per vCPU beside the daemon (the task size leaves the daemon its room).
+    assert per_instance == INSTANCE_TYPES[instance_type][0], f"{daemon} leaves room for {per_instance} tasks"
     assert default(services, "ApiCpu") == default(services, "WorkerCpu") == k["task_cpu_units"]
     assert default(services, "ApiMemoryMiB") == default(services, "WorkerMemoryMiB") == k["task_memory_mib"]
     publishers = 1  # the two small queue-metrics tasks fit in one task's room
@@ -248,3 +253,12 @@ def test_the_check_sees_a_ceiling_below_a_row(doc: str, templates: dict[str, Any
     broken["cluster"]["Parameters"]["AppMaxInstances"]["Default"] = 30  # 121 tasks at their maximum need 34
     with pytest.raises(AssertionError, match="need 34"):
         test_every_service_at_its_maximum_fits_the_app_group(doc, broken)
+    # A baseline worker of 512 units leaves room for 3 tasks on a c6i.xlarge (3,584 units), not 4: a task's room
+    # stranded on every instance.
+    broken = copy.deepcopy(templates)
+    baseline = broken["services"]["Resources"]["WorkerBaselineTaskDefinition"]["Properties"]
+    baseline["ContainerDefinitions"][0]["Cpu"] = 512
+    with pytest.raises(AssertionError, match="leaves room for 3 tasks"):
+        test_every_service_at_its_maximum_fits_the_app_group(doc, broken)
+    with pytest.raises(AssertionError, match=r"1,000 req/s single: .* strands a task"):
+        test_rows_follow_from_the_costs_and_fit_the_templates(doc, broken)

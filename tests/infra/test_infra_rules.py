@@ -76,6 +76,27 @@ def worker_without_health_check(t: Template) -> None:
     del resource(t, "WorkerTaskDefinition")["ContainerDefinitions"][0]["HealthCheck"]
 
 
+def broker_without_failover(t: Template) -> None:  # a replica that is never promoted keeps no 202
+    resource(t, "Redis")["AutomaticFailoverEnabled"] = False
+
+
+def broker_of_one_node(t: Template) -> None:
+    resource(t, "Redis")["NumCacheClusters"] = 1
+
+
+def primary_writes_without_a_replica(t: Template) -> None:  # an isolated old primary takes events a failover drops
+    del resource(t, "RedisParameters")["Properties"]["min-slaves-to-write"]
+
+
+def api_acknowledges_on_the_primary_alone(t: Template) -> None:
+    environment = resource(t, "ApiTaskDefinition")["ContainerDefinitions"][0]["Environment"]
+    environment[:] = [e for e in environment if e["Name"] != "SLUICE_REDIS_MIN_REPLICAS"]
+
+
+def api_waits_for_no_replica_by_default(t: Template) -> None:  # checkov renders a Ref as the parameter's default
+    t["Parameters"]["RedisMinReplicas"].update(Default=0, MinValue=0)
+
+
 #: rule id -> (template, how to break it)
 MUTATIONS: list[tuple[str, str, Callable[[Template], None]]] = [
     ("CKV_SLUICE_1", "cluster", data_volume_deleted_with_instance),
@@ -89,6 +110,11 @@ MUTATIONS: list[tuple[str, str, Callable[[Template], None]]] = [
     ("CKV_SLUICE_8", "services", deletion_protection_on_create),
     ("CKV_SLUICE_9", "services", every_route_public),
     ("CKV_SLUICE_10", "services", worker_without_health_check),
+    ("CKV_SLUICE_11", "data", broker_without_failover),
+    ("CKV_SLUICE_11", "data", broker_of_one_node),
+    ("CKV_SLUICE_11", "data", primary_writes_without_a_replica),
+    ("CKV_SLUICE_12", "services", api_acknowledges_on_the_primary_alone),
+    ("CKV_SLUICE_12", "services", api_waits_for_no_replica_by_default),
 ]
 
 
