@@ -20,7 +20,7 @@ from kombu import Connection, Exchange, Producer, Queue
 
 from devstack import PROJECT, Profile, Servers
 from sluice import keys
-from sluice.deadletters import Item, add
+from sluice.deadletters import Item, add, raw_bytes
 from sluice.queue import WRITE_EVENTS, make_celery
 from sluice.settings import Settings
 from tests.support import Service, booking, service_env, start_worker, stored_rows, view, wait_until
@@ -151,3 +151,24 @@ def test_failed_writes_are_dead_lettered_then_replayed_exactly_once(
         assert dead_letters(db) == {}
     finally:
         worker.stop()
+
+
+def test_an_integer_over_64_bits_is_dead_lettered_once(
+    db: redis.Redis, celery: Celery, queue_settings: Settings, cassandra: Session, profile: Profile, log_dir: Path
+) -> None:
+    """JSON allows any integer, orjson writes only 64-bit ones: the dead letter keeps such an event in its raw
+    form, after one attempt, and the valid event beside it is stored."""
+    big, good = view(listing_id=2**70), view()
+    celery.send_task(WRITE_EVENTS, args=[[big, good], time.time()])
+    worker = start_worker(profile, log_dir, name="worker-bigint", SLUICE_REDIS_URL=queue_settings.redis_url)
+    try:
+        wait_until(lambda: stored_rows(cassandra, good["event_id"]) == (1, 1), 20, "the valid event")
+        wait_until(lambda: big["event_id"] in dead_letters(db), 10, "the event with a 71-bit listing id")
+        wait_until(lambda: db.llen(keys.EVENTS_QUEUE) + db.hlen(keys.UNACKED) == 0, 10, "the message to be done")
+    finally:
+        worker.stop()
+    record = dead_letters(db)[big["event_id"]]
+    assert record["attempts"] == 1
+    assert "listing_id" in str(record["reason"])
+    assert json.loads(raw_bytes(record["event"]) or b"") == big  # every digit kept
+    assert "returning the message to the queue" not in worker.log_text()
