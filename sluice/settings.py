@@ -9,6 +9,11 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+#: An upper bound on one event's share of a queued message: the largest is a search event whose 256-character
+#: query is all control characters, each escaped twice (``\\u001f`` in the envelope's JSON body, 7 bytes), about
+#: 2.2 KiB with the other fields.
+MAX_EVENT_BYTES = 4096
+
 ConsistencyName = Literal["ONE", "LOCAL_ONE", "QUORUM", "LOCAL_QUORUM", "EACH_QUORUM", "ALL"]
 
 
@@ -92,6 +97,10 @@ class Settings(BaseSettings):
     task_max_retries: int = Field(default=8, ge=0)
     task_retry_backoff_s: float = Field(default=1.0, gt=0)
     task_retry_backoff_max_s: float = Field(default=60.0, gt=0)
+    #: Largest message a worker takes from the queue, in bytes: a bigger one is dead-lettered whole, never
+    #: parsed or run (a message Sluice builds holds at most max(SLUICE_MAX_BATCH_EVENTS,
+    #: SLUICE_PUBLISH_MAX_EVENTS) events of well under 4 KiB each, so it is never one of them).
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
     #: Hard limit on one task run; must stay below the visibility timeout so a task never runs twice at once.
     task_time_limit_s: int = Field(default=120, ge=1)
     #: Seconds a delivered message may stay unacknowledged before Redis hands it to another worker.
@@ -120,6 +129,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "SLUICE_TASK_TIME_LIMIT_S must be below SLUICE_VISIBILITY_TIMEOUT_S, "
                 "or a slow task would be handed to a second worker while it still runs"
+            )
+        largest = MAX_EVENT_BYTES * max(self.max_batch_events, self.publish_max_events)
+        if self.max_message_bytes < largest:
+            raise ValueError(
+                f"SLUICE_MAX_MESSAGE_BYTES must be at least {largest} ({MAX_EVENT_BYTES} bytes per event of the "
+                "largest message the API builds), or workers would dead-letter the API's own messages"
             )
         if self.task_retry_backoff_max_s >= self.visibility_timeout_s:
             raise ValueError(
