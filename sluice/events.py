@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from uuid import UUID
@@ -60,9 +61,24 @@ def _in_time_range(value: dt.datetime, info: ValidationInfo) -> dt.datetime:
     return value
 
 
+#: RFC 3339's date-time (section 5.6), with its offset: "T" and "Z" in either case, seconds required, any
+#: fraction. pydantic alone would also take a Unix time ("1732527000"), a space for the "T", no seconds or an
+#: offset without its colon; the contract is RFC 3339, so those are refused before pydantic parses.
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc3339(value: Any) -> Any:
+    must_be_string(value)
+    if not _RFC3339.fullmatch(value):
+        if value.strip().lstrip("+-").replace(".", "", 1).isdigit():
+            raise ValueError("must be an RFC 3339 date-time with an offset, e.g. 2026-11-25T09:30:00Z, not a Unix time")
+        raise ValueError("must be an RFC 3339 date-time with an offset, e.g. 2026-11-25T09:30:00Z")
+    return value
+
+
 Identifier = Annotated[StrictInt, Field(gt=0, le=MAX_BIGINT)]
 EventId = Annotated[UUID, BeforeValidator(must_be_string)]
-Timestamp = Annotated[AwareDatetime, BeforeValidator(must_be_string), AfterValidator(_in_time_range)]
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339), AfterValidator(_in_time_range)]
 
 
 class EventBase(BaseModel):
