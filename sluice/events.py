@@ -34,7 +34,7 @@ from pydantic import (
     model_validator,
 )
 
-from sluice.eventtypes import EARLIEST, MAX_BIGINT, REGISTRY, TYPE_NAMES, EventType, must_be_string
+from sluice.eventtypes import BY_NAME, EARLIEST, MAX_BIGINT, REGISTRY, TYPE_NAMES, EventType, must_be_string
 
 
 def _in_time_range(value: dt.datetime, info: ValidationInfo) -> dt.datetime:
@@ -195,10 +195,20 @@ def event_id_of(raw: Any) -> str | None:
 
 
 def queued_form(event: EventBase) -> dict[str, Any]:
-    """The event as it travels on the queue and is stored: plain JSON, ``occurred_at`` in UTC at millisecond
-    precision (what Cassandra keeps). Two posts that store the same row have the same queued form."""
+    """The event as it travels on the queue and is stored: plain JSON in the form Cassandra gives back, so two
+    posts that store the same row have the same queued form (and fingerprint), whatever their spelling.
+
+    ``occurred_at`` in UTC at millisecond precision (what Cassandra keeps); every declared field as its kind
+    reads it back after storing it (``dump(load(value))``): a price ``"0149.90"`` is stored as the decimal
+    149.90 and read back as ``"149.90"``, so it is queued as ``"149.90"``, and posting ``"0149.90"`` again, or
+    ``"149.90"``, is a duplicate, not a conflict. Input is normalised, not refused: the value is the same
+    number. (A price's scale is part of its value, as in Cassandra: ``"149.9"`` is another price.)"""
     out = event.model_dump(mode="json")
     out["occurred_at"] = iso_utc_ms(event.occurred_at)
+    for f in BY_NAME[event.type].fields:
+        value = out[f.name]
+        if value is not None:
+            out[f.name] = f.kind.dump(f.kind.load(value))
     return out
 
 
