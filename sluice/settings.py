@@ -85,6 +85,16 @@ class Settings(BaseSettings):
     max_pending_events: int = Field(default=50_000, ge=1)
     #: Key that signs page tokens (HMAC). Unset: derived from SLUICE_API_KEYS, which every API process shares.
     page_token_secret: SecretStr | None = None
+    #: Connection limits of each API process (api/http.py). A connection with no request under way is closed
+    #: after this many seconds without a byte (keep it above a load balancer's idle timeout in front: the
+    #: AWS stack sets 75 against the ALB's 60).
+    http_idle_timeout_s: float = Field(default=5.0, gt=0)
+    #: Seconds from a request's first byte to the end of its headers; then 408 and the connection is closed.
+    http_header_timeout_s: float = Field(default=10.0, gt=0)
+    #: Seconds from the end of a request's headers to the end of its body (1 MiB in 30 s is 35 KB/s); then 408.
+    http_body_timeout_s: float = Field(default=30.0, gt=0)
+    #: Open connections per API process; a connection over it is closed as soon as it is accepted.
+    http_max_connections: int = Field(default=1000, ge=1)
     #: How far in the future ``occurred_at`` may lie (clock skew between clients and us), in seconds.
     max_clock_skew_s: int = Field(default=300, ge=0)
 
