@@ -34,7 +34,7 @@ from pydantic import (
     model_validator,
 )
 
-from sluice.eventtypes import BY_NAME, EARLIEST, MAX_BIGINT, REGISTRY, TYPE_NAMES, EventType, must_be_string
+from sluice.eventtypes import EARLIEST, MAX_BIGINT, REGISTRY, TYPE_NAMES, EventField, EventType, must_be_string
 
 
 def _in_time_range(value: dt.datetime, info: ValidationInfo) -> dt.datetime:
@@ -113,7 +113,7 @@ def _model(kind: EventType) -> type[EventBase]:
         else:
             fields[f.name] = (f.kind.annotation | None, Field(None, description=f.description or None))
     validators = {"_check": _cross_check(kind.check)} if kind.check else None
-    return create_model(
+    model = create_model(
         kind.model_name,
         __base__=EventBase,
         __doc__=kind.doc,
@@ -121,6 +121,12 @@ def _model(kind: EventType) -> type[EventBase]:
         __module__=__name__,
         **fields,
     )
+    _TYPE_FIELDS[model] = kind.fields
+    return model
+
+
+#: Each model's declared fields (queued_form puts them in their stored form).
+_TYPE_FIELDS: dict[type[EventBase], tuple[EventField, ...]] = {}
 
 
 #: Each type's model, by type name.
@@ -205,7 +211,7 @@ def queued_form(event: EventBase) -> dict[str, Any]:
     number. (A price's scale is part of its value, as in Cassandra: ``"149.9"`` is another price.)"""
     out = event.model_dump(mode="json")
     out["occurred_at"] = iso_utc_ms(event.occurred_at)
-    for f in BY_NAME[event.type].fields:
+    for f in _TYPE_FIELDS.get(type(event), ()):
         value = out[f.name]
         if value is not None:
             out[f.name] = f.kind.dump(f.kind.load(value))

@@ -102,13 +102,17 @@ def write_events(self: Task[Any, Any], *args: Any, **kwargs: Any) -> int:
         except _MustRequeue:
             raise
         except Exception as exc:  # whatever the content, the message ends as a dead letter
-            # Not one of the outcomes above: content this code did not foresee (or a bug). Raising would drop
-            # the message (Celery rejects a failed task without requeue), and requeueing it would loop, so the
-            # whole message is dead-lettered, once; what of it was already stored stays stored (replaying it
-            # finds those events stored and writes nothing).
-            log.exception("task %s failed on its content; dead-lettering the whole message", self.request.id)
-            _dead_letter([Item({"args": args, "kwargs": kwargs}, f"task failed: {exc!r}")], kind="task_failed",
-                         task_id=self.request.id, attempts=self.request.retries + 1)  # fmt: skip
+            # Not one of the outcomes above: content this code did not foresee, a bug, or the soft time limit.
+            # Raising would drop the message (Celery rejects a failed task without requeue) and requeueing it
+            # would loop, so its events are dead-lettered, once: each on its own where the arguments say which
+            # (so each leaves the recovery index and is not queued again to fail the same way), else the
+            # message as it came. What of it was already stored stays stored (a replay finds it stored).
+            log.exception("task %s failed on its content; dead-lettering its events", self.request.id)
+            parsed = message.parse_arguments(args, kwargs)
+            reason = f"task failed: {exc!r}"[:1000]
+            items = ([Item(event, reason) for event in parsed.events] if not isinstance(parsed, str) else []) or [
+                Item({"args": args, "kwargs": kwargs}, reason)]  # fmt: skip
+            _dead_letter(items, kind="task_failed", task_id=self.request.id, attempts=self.request.retries + 1)
             _finish([], time.time())
             return 0
     except _MustRequeue as exc:

@@ -15,7 +15,8 @@ the reason (kind ``malformed_message``) instead of raising. Checks that need the
 before it records the delivery, so a refused envelope is never in the unacknowledged set either.
 
 Only the consuming path (``BRPOP``) is guarded; ``basic_get`` (``_get``), which Celery's worker does not use,
-is kombu's. Selected by ``broker_transport`` in worker/app.py; producers (the API, the tests) do not need it.
+is kombu's. Selected by ``broker_transport`` in worker/app.py (:func:`transport_for`: the Sentinel variant for a
+``sentinel://`` URL); producers (the API, the tests) do not need it.
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ class Channel(kombu_redis.Channel):
             # kombu's own parser (strict UTF-8 here: kombu would replace invalid bytes and deliver the result).
             return loads(item)
         except Exception as exc:  # noqa: BLE001 - any failure to parse is the message's, and it is kept
-            self._dead_letter(queue, item, f"not UTF-8 JSON: {exc!r}"[:500])
+            # str, not repr: a UnicodeDecodeError's repr holds the whole message, and the reason is logged.
+            self._dead_letter(queue, item, f"not UTF-8 JSON: {type(exc).__name__}: {exc}"[:500])
             return None
 
     def _dead_letter(self, queue: str, item: bytes, reason: str) -> None:
@@ -166,3 +168,17 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same guard over kombu's Sentinel channel (``sentinel://`` broker URLs): only how the channel finds
+    its Redis differs, and ``_brpop_read`` is the one both inherit from kombu's Redis channel."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
+def transport_for(url: str) -> str:
+    """The guarded transport for a broker URL (``broker_transport`` in worker/app.py)."""
+    return f"{__name__}:{'SentinelTransport' if url.startswith('sentinel://') else 'Transport'}"
