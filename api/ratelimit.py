@@ -1,7 +1,9 @@
 """A per-key rate limit shared by every API process through Redis, without a round trip per request.
 
-It counts events, not requests: a batch of 1,000 events costs 1,000 units, a single event or a read costs 1
-(so batching saves round trips, not quota).
+It counts events, not requests: a batch of 1,000 events costs 1,000 units, a single event or a page of
+``/events`` costs 1 (so batching saves round trips, not quota). ``/stats`` costs what it scans: one unit per
+day partition and type it counts (a 92-day range is 276), charged before it reads, and one more per 100 rows
+those counts scanned, charged after (api/routes/listings.py).
 
 Each process admits requests against the last known total of the current one-second window plus what it
 admitted itself since; every ``sync_s`` it adds its own count to the window's Redis counter and learns the
@@ -43,15 +45,24 @@ class RateLimiter:
         seconds until it may be retried. A cost above the limit is charged as the whole limit, so that one
         large batch is still possible under a small limit."""
         now = time.time()
-        second = int(now)
+        window = self._window(key_id, int(now))
+        cost = max(1, min(cost, self._limit))
+        if window.known_total + window.pending + cost > self._limit:
+            return max(0.001, window.second + 1 - now)
+        window.pending += cost
+        return None
+
+    def debit(self, key_id: str, cost: int) -> None:
+        """Charge units for work already done whose cost was known only after it (the rows a count scanned):
+        never refused, capped at the limit like :meth:`admit`; the key's next requests in this window pay."""
+        if cost > 0:
+            self._window(key_id, int(time.time())).pending += min(cost, self._limit)
+
+    def _window(self, key_id: str, second: int) -> _Window:
         window = self._windows.get(key_id)
         if window is None or window.second != second:
             window = self._windows[key_id] = _Window(second)
-        cost = max(1, min(cost, self._limit))
-        if window.known_total + window.pending + cost > self._limit:
-            return max(0.001, second + 1 - now)
-        window.pending += cost
-        return None
+        return window
 
     async def run(self) -> None:
         while True:

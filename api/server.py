@@ -22,7 +22,11 @@ def serve() -> None:
         port=settings.api_port,
         workers=settings.api_workers,
         loop="uvloop",
-        http="httptools",
+        # httptools with the connection limits uvicorn lacks (idle, header and body timeouts, a cap on open
+        # connections): api/http.py says what uvicorn does without them.
+        http="api.http:GuardedHttpToolsProtocol",
+        # Typed int, used as call_later's delay (a float is fine there).
+        timeout_keep_alive=settings.http_idle_timeout_s,  # type: ignore[arg-type]
         access_log=False,
         # Let requests in flight finish (and the publisher flush) before the process exits on SIGTERM.
         timeout_graceful_shutdown=20,

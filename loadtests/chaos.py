@@ -13,7 +13,13 @@ timings of ``tests/support.py``: a lost message is handed out again after 20 s, 
   outcomes (504, timeouts, resets) are retried with the same ids and bodies (``loadtests/workload.py``);
 - a scheduler, seeded by ``--seed``, that after a quiet gap injects one fault (in shuffled rounds of every
   kind): SIGKILL the API (then start it again), SIGKILL one worker (then start it again), SIGKILL Redis
-  (then start it again on the same append-only file), or SIGSTOP Cassandra for a few seconds (SIGCONT).
+  (then start it again on the same append-only file), or SIGSTOP Cassandra for a few seconds (SIGCONT);
+- a producer of malformed messages pushed straight onto the queue (``LPUSH``, every ``--poison-every``
+  seconds; loadtests/poison.py): not JSON, truncated, not UTF-8, a JSON list, not an envelope, a body that is
+  an object or not a string, invalid base64, a bad eta, a task name that is a list, and now and then a
+  megabyte of garbage. Each must end as a dead letter holding its exact bytes (``poison_lost`` counts those
+  that did not), and no worker may stop by itself (``unexpected_exits``: any API or worker found dead that
+  the scheduler did not kill, checked every few seconds and started again).
 
 Then it stops the load (unknowns are still retried for a while), waits for the queue to drain, and runs the
 checker (``loadtests/checker.py``). It prints lost / duplicated / unexpected / conflicting / partial /
@@ -41,6 +47,8 @@ import redis
 from devstack import PROFILES, Profile, Servers
 from loadtests.checker import Checker, Report, api_stats
 from loadtests.common import BUILD, PROJECT, code_state, command_line, ignore_signals, raise_on_sigterm, say
+from loadtests.poison import PoisonProducer, PoisonReport
+from loadtests.poison import check as check_poison
 from loadtests.verify import dead_letters, queue_depth, wait_drained
 from loadtests.workload import Mix, Workload
 from sluice import keys
@@ -52,7 +60,7 @@ FAULTS = ("kill_api", "kill_worker", "kill_redis", "pause_cassandra")
 #: What must be 0 for the run to pass.
 MUST_BE_ZERO = (
     "lost", "duplicated", "unexpected", "conflicting", "partial", "stats_mismatched", "unresolved",
-    "conflicts_not_dead_lettered",
+    "conflicts_not_dead_lettered", "poison_lost", "unexpected_exits",
 )  # fmt: skip
 
 
@@ -66,6 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="quiet seconds between two faults, drawn uniformly (5 15)")  # fmt: skip
     p.add_argument("--faults", default=",".join(FAULTS), help=f"kinds to inject, comma-separated ({','.join(FAULTS)})")
     p.add_argument("--conflicts", type=float, default=0.02, help="share of requests re-posting an id (0.02)")
+    p.add_argument(
+        "--poison-every",
+        type=float,
+        default=2.0,
+        help="seconds between two malformed messages pushed onto the queue (2; 0: none)",
+    )
     p.add_argument("--drain-timeout", type=float, default=180.0, help="seconds to wait for the queue to drain (180)")
     p.add_argument("--retry-deadline", type=float, default=60.0, help="seconds unknowns are retried after the load")
     p.add_argument("--profile", default="chaos", choices=sorted(PROFILES), help="devstack profile (chaos)")
@@ -84,6 +98,8 @@ class Rig:
         self.api: Service | None = None
         self.workers: dict[str, Service] = {}
         self.faults: Counter[str] = Counter()
+        #: Services found dead that no fault killed (a worker must never stop on a message).
+        self.unexpected_exits: Counter[str] = Counter()
         self.timeline: list[dict[str, Any]] = []
         self.redis = redis.Redis(port=profile.redis_port, socket_timeout=2, socket_connect_timeout=2)
         self.lock = threading.Lock()  # the scheduler and the final checks never restart a service together
@@ -172,14 +188,16 @@ class Rig:
             self.note(f"{kind} done")
 
     def revive(self) -> None:
-        """Whatever died outside the scheduler (it should not have) is started again, and said so."""
+        """Whatever died outside the scheduler (it should not have) is started again, counted and said so."""
         with self.lock:
             if self.api is not None and self.api.proc.poll() is not None:
                 self.note("api found dead", code=self.api.proc.returncode)
+                self.unexpected_exits["api"] += 1
                 self.start_api()
             for name, worker in list(self.workers.items()):
                 if worker.proc.poll() is not None:
                     self.note("worker found dead", worker=name, code=worker.proc.returncode)
+                    self.unexpected_exits[name] += 1
                     self.start_worker(name)
 
     def stop(self) -> None:
@@ -205,11 +223,15 @@ def scheduler(rig: Rig, kinds: list[str], rng: random.Random, gap: tuple[float, 
         rig.inject(round_.pop(), rng)
 
 
-def progress(rig: Rig, load: Workload, until: float, every: float = 10.0) -> None:
+def progress(rig: Rig, load: Workload, poison: PoisonProducer | None, until: float, every: float = 10.0) -> None:
     last: Counter[str] = Counter()
     last_t = time.monotonic()
     while time.monotonic() < until:
-        time.sleep(min(every, max(0.0, until - time.monotonic())))
+        for _ in range(int(every)):  # a service that stopped by itself is found within a second or two
+            if time.monotonic() >= until:
+                break
+            time.sleep(1.0)
+            rig.revive()
         now = time.monotonic()
         outcomes, counts = load.snapshot()
         delta = outcomes - last
@@ -221,7 +243,7 @@ def progress(rig: Rig, load: Workload, until: float, every: float = 10.0) -> Non
             queue = "queue ?"
         say(f"  [{now - rig.t0:7.1f} s] {requests / (now - last_t):5.1f} req/s {dict(delta)}; accepted "
             f"{counts['accepted']:,}, unknown now {counts['unresolved']}, retries {load.retries}; {queue}; "
-            f"faults {dict(rig.faults)}")  # fmt: skip
+            f"faults {dict(rig.faults)}; malformed sent {len(poison.sent) if poison else 0}")  # fmt: skip
         last, last_t = outcomes, now
 
 
@@ -259,16 +281,22 @@ def run(args: argparse.Namespace, rig: Rig, seed: int, kinds: list[str], out: Pa
     load = Workload(rig.base_url, TEST_KEY, rate=args.rate, mix=mix, seed=rng.getrandbits(64),
                     timeout=3.0, retry_deadline_s=args.retry_deadline)  # fmt: skip
     load.start()
+    poison_rng = random.Random(rng.getrandbits(64))
+    poison = PoisonProducer(rig.redis, poison_rng, every_s=args.poison_every) if args.poison_every > 0 else None
+    if poison is not None:
+        poison.start()
     until = time.monotonic() + args.duration
     threads = [
         threading.Thread(target=scheduler, args=(rig, kinds, random.Random(rng.getrandbits(64)), tuple(args.gap),
                                                  until), name="scheduler", daemon=True),
-        threading.Thread(target=progress, args=(rig, load, until), name="progress", daemon=True),
+        threading.Thread(target=progress, args=(rig, load, poison, until), name="progress", daemon=True),
     ]  # fmt: skip
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if poison is not None:
+        poison.stop()
     rig.revive()
     say(f"load stopped; retrying {load.snapshot()[1]['unresolved']} unknown outcomes (up to "
         f"{args.retry_deadline:g} s)")  # fmt: skip
@@ -290,7 +318,9 @@ def run(args: argparse.Namespace, rig: Rig, seed: int, kinds: list[str], out: Pa
     # only while it is queued) got 202, must not be stored (checked above: stored = first version), and
     # must be kept as a dead letter of kind "conflict", so its sender can find out (GET /v1/events/{id}).
     report.conflicts_not_dead_lettered = _not_dead_lettered_as_conflicts(rig.redis, load.ledger.accepted_conflicts)
-    return finish(args, rig, load, report, seed, out, drained_s, dead)
+    rig.revive()  # a worker that stopped while draining counts too
+    poisoned = check_poison(rig.redis, poison) if poison is not None else None
+    return finish(args, rig, load, report, seed, out, drained_s, dead, poisoned)
 
 
 def _not_dead_lettered_as_conflicts(client: redis.Redis, ids: set[Any]) -> list[Any]:
@@ -304,9 +334,11 @@ def _not_dead_lettered_as_conflicts(client: redis.Redis, ids: set[Any]) -> list[
 
 def finish(
     args: argparse.Namespace, rig: Rig, load: Workload, report: Report, seed: int, out: Path,
-    drained_s: float | None, dead: int,
+    drained_s: float | None, dead: int, poisoned: PoisonReport | None = None,
 ) -> int:  # fmt: skip
     result = report.as_json()
+    result["poison_lost"] = len(poisoned.lost) if poisoned is not None else 0
+    result["unexpected_exits"] = sum(rig.unexpected_exits.values())
     counts = {name: int(result[name]) for name in MUST_BE_ZERO}
     history = out / "history.jsonl"
     # One clock for both: seconds since the run started (the workload counts from its own start).
@@ -330,6 +362,8 @@ def finish(
         "outcomes": dict(load.outcomes),
         "drained_after_s": None if drained_s is None else round(drained_s, 2),
         "dead_letters": dead,
+        "malformed_messages": poisoned.as_json() if poisoned is not None else None,
+        "unexpected_exits": dict(rig.unexpected_exits),
         "counts": counts,
         "check": result,
         "history": str(history),
@@ -339,6 +373,14 @@ def finish(
     print(f"seed {seed}; faults injected: {dict(rig.faults)}; requests {len(load.requests):,} "
           f"({load.retries:,} retries); outcomes {dict(load.outcomes)}")  # fmt: skip
     print(f"clients: {load.ledger.counts()}; dead letters in Redis: {dead}")
+    if poisoned is not None:
+        print(
+            f"malformed messages pushed onto the queue: {poisoned.sent} (plus {poisoned.uncertain} whose push "
+            f"Redis did not confirm), dead-lettered with their bytes: {poisoned.dead_lettered}, lost: "
+            f"{len(poisoned.lost)}, dead-lettered twice: {poisoned.dead_lettered_twice}; {poisoned.by_shape}"
+        )
+        for line in poisoned.lost[:5]:
+            print(f"  malformed message lost: {line}")
     print(report.line())
     for name, value in counts.items():
         print(f"{'PASS' if value == 0 else 'FAIL'}  {name:<20} {value}")

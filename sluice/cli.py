@@ -91,7 +91,9 @@ def worker(
     """
     from worker.run import run
 
-    run(concurrency=concurrency, queues=queues, pool=pool, loglevel=loglevel, extra=ctx.args)
+    code = run(concurrency=concurrency, queues=queues, pool=pool, loglevel=loglevel, extra=ctx.args)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

@@ -6,11 +6,18 @@ A record is the hash field ``keys.DEAD_LETTERS[event_id]`` (or ``unkeyed-<uuid>`
 JSON ``{"event", "reason", "kind", "task_id", "attempts", "failed_at", "accepted_at"}``. Writing records and
 taking their events out of the recovery index happen in one transaction (:func:`add`): if Redis refuses it,
 the caller must not acknowledge the message (the event would be nowhere).
+
+A record holds anything: ``event`` is the event (or message) as JSON when it can be written as JSON, and
+otherwise its raw form, ``{"raw_message": text, "encoding": "utf-8" | "base64" | "repr", "bytes": n}`` (see
+:func:`raw_message`): a message that is not JSON at all, or an event JSON can carry but orjson cannot (an
+integer over 64 bits). So no content can make a dead-letter write fail, and no message loops on one.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import json
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +43,41 @@ if ARGV[2] ~= '' then
 end
 return removed
 """
+
+
+def raw_message(data: bytes) -> dict[str, Any]:
+    """The raw form of a message or event: its exact bytes, as text when they are UTF-8, else in base64."""
+    try:
+        return {"raw_message": data.decode("utf-8"), "encoding": "utf-8", "bytes": len(data)}
+    except UnicodeDecodeError:
+        return {"raw_message": base64.b64encode(data).decode("ascii"), "encoding": "base64", "bytes": len(data)}
+
+
+def raw_bytes(event: Any) -> bytes | None:
+    """The exact bytes a record's raw form holds (see :func:`raw_message`), or None if it holds an event."""
+    if not isinstance(event, dict) or not isinstance(event.get("raw_message"), str):
+        return None
+    text: str = event["raw_message"]
+    return base64.b64decode(text) if event.get("encoding") == "base64" else text.encode("utf-8")
+
+
+def _encode(record: dict[str, Any]) -> bytes:
+    """The record as JSON, whatever its event holds.
+
+    orjson refuses integers over 64 bits (and keys that are not strings), which JSON itself allows: then the
+    event is kept as the JSON text the standard library writes for it, and failing even that (a value JSON
+    cannot hold), as its ``repr``. The record itself is then strings and numbers only, which orjson writes."""
+    try:
+        return orjson.dumps(record, default=str)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        pass
+    event = record["event"]
+    try:
+        text = json.dumps(event, default=str, ensure_ascii=False, allow_nan=False)
+        raw = raw_message(text.encode("utf-8"))
+    except (TypeError, ValueError, RecursionError):
+        raw = {**raw_message(repr(event).encode("utf-8", errors="backslashreplace")), "encoding": "repr"}
+    return orjson.dumps({**record, "event": raw}, default=str)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +109,7 @@ def add(
         key = event_id_of(item.raw) or f"unkeyed-{uuid.uuid4()}"
         record = {"event": item.raw, "reason": item.reason, "kind": kind, "task_id": task_id,
                   "attempts": attempts, "failed_at": now, "accepted_at": accepted_at}  # fmt: skip
-        mapping[key] = orjson.dumps(record, default=str)
+        mapping[key] = _encode(record)
     if not mapping:
         return 0
     ids = [key for key in mapping if not key.startswith("unkeyed-")]
@@ -99,7 +141,7 @@ def get(client: redis.Redis, entry_id: str) -> dict[str, Any] | None:
 def _replayable(record: dict[str, Any]) -> dict[str, Any] | str:
     """The event of a record in its queued form, or why it cannot be replayed."""
     event = record.get("event")
-    if not isinstance(event, dict) or "message_body" in event or "args" in event:
+    if not isinstance(event, dict) or "raw_message" in event or "message_body" in event or "args" in event:
         return "a raw message, not an event: inspect it with `show`"
     outcome = validate_event(event)
     if isinstance(outcome, list):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from uuid import UUID
@@ -33,7 +34,7 @@ from pydantic import (
     model_validator,
 )
 
-from sluice.eventtypes import EARLIEST, MAX_BIGINT, REGISTRY, TYPE_NAMES, EventType, must_be_string
+from sluice.eventtypes import EARLIEST, MAX_BIGINT, REGISTRY, TYPE_NAMES, EventField, EventType, must_be_string
 
 
 def _in_time_range(value: dt.datetime, info: ValidationInfo) -> dt.datetime:
@@ -60,9 +61,24 @@ def _in_time_range(value: dt.datetime, info: ValidationInfo) -> dt.datetime:
     return value
 
 
+#: RFC 3339's date-time (section 5.6), with its offset: "T" and "Z" in either case, seconds required, any
+#: fraction. pydantic alone would also take a Unix time ("1732527000"), a space for the "T", no seconds or an
+#: offset without its colon; the contract is RFC 3339, so those are refused before pydantic parses.
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc3339(value: Any) -> Any:
+    must_be_string(value)
+    if not _RFC3339.fullmatch(value):
+        if value.strip().lstrip("+-").replace(".", "", 1).isdigit():
+            raise ValueError("must be an RFC 3339 date-time with an offset, e.g. 2026-11-25T09:30:00Z, not a Unix time")
+        raise ValueError("must be an RFC 3339 date-time with an offset, e.g. 2026-11-25T09:30:00Z")
+    return value
+
+
 Identifier = Annotated[StrictInt, Field(gt=0, le=MAX_BIGINT)]
 EventId = Annotated[UUID, BeforeValidator(must_be_string)]
-Timestamp = Annotated[AwareDatetime, BeforeValidator(must_be_string), AfterValidator(_in_time_range)]
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339), AfterValidator(_in_time_range)]
 
 
 class EventBase(BaseModel):
@@ -97,7 +113,7 @@ def _model(kind: EventType) -> type[EventBase]:
         else:
             fields[f.name] = (f.kind.annotation | None, Field(None, description=f.description or None))
     validators = {"_check": _cross_check(kind.check)} if kind.check else None
-    return create_model(
+    model = create_model(
         kind.model_name,
         __base__=EventBase,
         __doc__=kind.doc,
@@ -105,6 +121,12 @@ def _model(kind: EventType) -> type[EventBase]:
         __module__=__name__,
         **fields,
     )
+    _TYPE_FIELDS[model] = kind.fields
+    return model
+
+
+#: Each model's declared fields (queued_form puts them in their stored form).
+_TYPE_FIELDS: dict[type[EventBase], tuple[EventField, ...]] = {}
 
 
 #: Each type's model, by type name.
@@ -179,10 +201,20 @@ def event_id_of(raw: Any) -> str | None:
 
 
 def queued_form(event: EventBase) -> dict[str, Any]:
-    """The event as it travels on the queue and is stored: plain JSON, ``occurred_at`` in UTC at millisecond
-    precision (what Cassandra keeps). Two posts that store the same row have the same queued form."""
+    """The event as it travels on the queue and is stored: plain JSON in the form Cassandra gives back, so two
+    posts that store the same row have the same queued form (and fingerprint), whatever their spelling.
+
+    ``occurred_at`` in UTC at millisecond precision (what Cassandra keeps); every declared field as its kind
+    reads it back after storing it (``dump(load(value))``): a price ``"0149.90"`` is stored as the decimal
+    149.90 and read back as ``"149.90"``, so it is queued as ``"149.90"``, and posting ``"0149.90"`` again, or
+    ``"149.90"``, is a duplicate, not a conflict. Input is normalised, not refused: the value is the same
+    number. (A price's scale is part of its value, as in Cassandra: ``"149.9"`` is another price.)"""
     out = event.model_dump(mode="json")
     out["occurred_at"] = iso_utc_ms(event.occurred_at)
+    for f in _TYPE_FIELDS.get(type(event), ()):
+        value = out[f.name]
+        if value is not None:
+            out[f.name] = f.kind.dump(f.kind.load(value))
     return out
 
 

@@ -31,6 +31,28 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
+class _NoTaskArguments(logging.Filter):
+    """Keeps a task's arguments (its events) out of Celery's task log lines ("Task ... received", "... succeeded").
+
+    Celery passes them in each line's context, which our JSON lines print (``data``, and the format's
+    arguments): the API's messages carry a summary there (``argsrepr``), but a message in the older producer
+    format, which the worker still accepts, carries the events themselves. Payloads belong in Cassandra and
+    the dead letters, never in a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("celery"):
+            if isinstance(record.args, dict) and ("args" in record.args or "kwargs" in record.args):
+                record.args = _without_arguments(record.args)
+            data = getattr(record, "data", None)
+            if isinstance(data, dict) and ("args" in data or "kwargs" in data):
+                record.data = _without_arguments(data)
+        return True
+
+
+def _without_arguments(context: dict[str, object]) -> dict[str, object]:
+    return {**context, **{k: "<not logged>" for k in ("args", "kwargs") if k in context}}
+
+
 def setup_logging(level: str | None = None) -> None:
     settings = get_settings()
     handler = logging.StreamHandler(sys.stderr)
@@ -44,6 +66,7 @@ def setup_logging(level: str | None = None) -> None:
     else:
         handler.setFormatter(logging.Formatter(_TEXT))
     handler.addFilter(_RequestIdFilter())
+    handler.addFilter(_NoTaskArguments())
     logging.basicConfig(level=(level or settings.log_level).upper(), handlers=[handler], force=True)
     # The driver logs every reconnection attempt at WARNING; keep them, but silence its chatter below that.
     logging.getLogger("cassandra").setLevel(max(logging.getLogger().level, logging.WARNING))

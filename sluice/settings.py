@@ -9,6 +9,11 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+#: An upper bound on one event's share of a queued message: the largest is a search event whose 256-character
+#: query is all control characters, each escaped twice (``\\u001f`` in the envelope's JSON body, 7 bytes), about
+#: 2.2 KiB with the other fields.
+MAX_EVENT_BYTES = 4096
+
 ConsistencyName = Literal["ONE", "LOCAL_ONE", "QUORUM", "LOCAL_QUORUM", "EACH_QUORUM", "ALL"]
 
 
@@ -90,6 +95,16 @@ class Settings(BaseSettings):
     max_pending_events: int = Field(default=50_000, ge=1)
     #: Key that signs page tokens (HMAC). Unset: derived from SLUICE_API_KEYS, which every API process shares.
     page_token_secret: SecretStr | None = None
+    #: Connection limits of each API process (api/http.py). A connection with no request under way is closed
+    #: after this many seconds without a byte (keep it above a load balancer's idle timeout in front: the
+    #: AWS stack sets 75 against the ALB's 60).
+    http_idle_timeout_s: float = Field(default=5.0, gt=0)
+    #: Seconds from a request's first byte to the end of its headers; then 408 and the connection is closed.
+    http_header_timeout_s: float = Field(default=10.0, gt=0)
+    #: Seconds from the end of a request's headers to the end of its body (1 MiB in 30 s is 35 KB/s); then 408.
+    http_body_timeout_s: float = Field(default=30.0, gt=0)
+    #: Open connections per API process; a connection over it is closed as soon as it is accepted.
+    http_max_connections: int = Field(default=1000, ge=1)
     #: How far in the future ``occurred_at`` may lie (clock skew between clients and us), in seconds.
     max_clock_skew_s: int = Field(default=300, ge=0)
 
@@ -102,6 +117,10 @@ class Settings(BaseSettings):
     task_max_retries: int = Field(default=8, ge=0)
     task_retry_backoff_s: float = Field(default=1.0, gt=0)
     task_retry_backoff_max_s: float = Field(default=60.0, gt=0)
+    #: Largest message a worker takes from the queue, in bytes: a bigger one is dead-lettered whole, never
+    #: parsed or run (a message Sluice builds holds at most max(SLUICE_MAX_BATCH_EVENTS,
+    #: SLUICE_PUBLISH_MAX_EVENTS) events of well under 4 KiB each, so it is never one of them).
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
     #: Hard limit on one task run; must stay below the visibility timeout so a task never runs twice at once.
     task_time_limit_s: int = Field(default=120, ge=1)
     #: Seconds a delivered message may stay unacknowledged before Redis hands it to another worker.
@@ -130,6 +149,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "SLUICE_TASK_TIME_LIMIT_S must be below SLUICE_VISIBILITY_TIMEOUT_S, "
                 "or a slow task would be handed to a second worker while it still runs"
+            )
+        largest = MAX_EVENT_BYTES * max(self.max_batch_events, self.publish_max_events)
+        if self.max_message_bytes < largest:
+            raise ValueError(
+                f"SLUICE_MAX_MESSAGE_BYTES must be at least {largest} ({MAX_EVENT_BYTES} bytes per event of the "
+                "largest message the API builds), or workers would dead-letter the API's own messages"
             )
         if self.task_retry_backoff_max_s >= self.visibility_timeout_s:
             raise ValueError(

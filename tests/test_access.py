@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 from cassandra.cluster import Session
 
 from devstack import Profile, StackError
-from tests.support import AUTH, TEST_KEY, Service, start_api, view
+from tests.support import AUTH, TEST_KEY, Service, start_api, view, wait_until
 
 
 @pytest.mark.parametrize(
@@ -87,6 +89,32 @@ def test_rate_limit_counts_events_not_requests(limited_api: Service) -> None:
         assert over.status_code == 429, over.text
         assert over.json()["error"]["code"] == "rate_limited"
         assert "events per second" in over.json()["error"]["message"]
+
+
+def test_stats_cost_what_they_scan(limited_api: Service, client: httpx.Client, worker: Service) -> None:
+    """/stats pays one unit per day partition and type it counts, before reading, and one per 100 rows those
+    counts scanned, after: a 92-day range takes a whole window of a 20-per-second key."""
+    listing = random.randint(10**9, 10**12)
+    day = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).replace(hour=12, minute=0, second=0, microsecond=0)
+    events = [view(listing_id=listing, occurred_at=(day + dt.timedelta(seconds=i)).isoformat()) for i in range(200)]
+    assert client.post("/v1/events/batch", json={"events": events}).status_code == 202
+    wait_until(lambda: client.get(f"/v1/events/{events[-1]['event_id']}").json().get("status") == "stored", 20,
+               "the events")  # fmt: skip
+    stats = f"/v1/listings/{listing}/stats"
+    one_day = {"from": day.date().isoformat(), "to": day.date().isoformat()}
+    with httpx.Client(base_url=limited_api.base_url, headers=AUTH) as c:
+        c.get(stats, params=one_day)  # connects to Cassandra, so the requests below are quick
+        time.sleep(2 - time.time() % 1)  # the top of a second, and a window untouched by that request's debit
+        last = dt.datetime.now(dt.UTC).date()
+        assert c.get(stats, params={"from": (last - dt.timedelta(days=91)).isoformat()}).status_code == 200
+        refused = c.get(stats, params={"to": last.isoformat(), "from": last.isoformat()})
+        assert refused.status_code == 429, refused.text
+        time.sleep(1 - time.time() % 1)
+        # 3 units for the day, then 6 for its 600 rows scanned (200 rows, once per type), then 4 days: 12 > 11.
+        assert c.get(stats, params=one_day).json()["views"] == 200
+        assert c.get(stats, params={"from": (last - dt.timedelta(days=3)).isoformat()}).status_code == 429
+        time.sleep(1 - time.time() % 1)
+        assert c.get(stats, params={"from": (last - dt.timedelta(days=3)).isoformat()}).status_code == 200
 
 
 def test_no_secret_in_logs_errors_or_openapi(limited_api: Service, isolated_api: Service) -> None:

@@ -1,6 +1,7 @@
 """Two minutes of the randomized fault run (``make chaos`` runs ten): API, worker and Redis killed, Cassandra
-frozen, at seeded random moments under singles, batches and gzip bodies; then every accepted event must be
-stored exactly once, nothing else stored, ``/stats`` exact, and no outcome left unknown.
+frozen, at seeded random moments under singles, batches and gzip bodies, with malformed messages pushed onto
+the queue; then every accepted event must be stored exactly once, nothing else stored, ``/stats`` exact, no
+outcome left unknown, every malformed message a dead letter, and no worker stopped by itself.
 
 It starts its own servers on the ``chaos`` profile (other ports and data folder), so it never touches the
 servers of the rest of the suite; the history and summary go to ``build/chaos/test/``.
@@ -37,3 +38,6 @@ def test_two_minutes_of_random_faults_lose_and_duplicate_nothing() -> None:
     # Every kind of fault happened at least once, or the run proved less than it claims.
     assert set(summary["faults"]) == {"kill_api", "kill_worker", "kill_redis", "pause_cassandra"}, summary["faults"]
     assert summary["clients"]["accepted"] > 1000, summary["clients"]
+    # Malformed messages were pushed onto the queue meanwhile, and each is a dead letter with its bytes.
+    assert summary["malformed_messages"]["sent"] > 20, summary["malformed_messages"]
+    assert summary["malformed_messages"]["lost"] == 0, summary["malformed_messages"]

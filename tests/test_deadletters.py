@@ -11,7 +11,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 import redis
 from cassandra.cluster import Session
@@ -19,11 +21,12 @@ from celery import Celery
 from kombu import Connection, Exchange, Producer, Queue
 
 from devstack import PROJECT, Profile, Servers
-from sluice import keys
-from sluice.deadletters import Item, add
+from devstack.services import Service
+from sluice import keys, message
+from sluice.deadletters import Item, add, raw_bytes
 from sluice.queue import WRITE_EVENTS, make_celery
 from sluice.settings import Settings
-from tests.support import Service, booking, service_env, start_worker, stored_rows, view, wait_until
+from tests.support import booking, service_env, start_worker, stored_rows, view, wait_until
 
 DB = 8
 
@@ -151,3 +154,108 @@ def test_failed_writes_are_dead_lettered_then_replayed_exactly_once(
         assert dead_letters(db) == {}
     finally:
         worker.stop()
+
+
+def _envelope(**changes: Any) -> dict[str, Any]:
+    """A valid envelope of an empty batch, with some parts replaced."""
+    envelope: dict[str, Any] = orjson.loads(message.build([], accepted_at=time.time(), request_ids=["t"]).payload)
+    for path, value in changes.items():
+        *parents, name = path.split("__")
+        target = envelope
+        for parent in parents:
+            target = target[parent]
+        target[name] = value
+    return envelope
+
+
+def test_malformed_bytes_on_the_queue_are_dead_lettered_and_the_worker_goes_on(
+    db: redis.Redis, queue_settings: Settings, cassandra: Session, profile: Profile, log_dir: Path
+) -> None:
+    """Bytes LPUSHed straight onto the queue, as a broken producer or a hand on redis-cli might: each ends as a
+    dead letter holding exactly those bytes and the reason, the worker never stops, and the events of the
+    valid messages around them are stored."""
+    cap = 1024 * 1024
+    whole = message.build([view()], accepted_at=time.time(), request_ids=["t"]).payload
+    huge = message.build([view() for _ in range(8000)], accepted_at=time.time(), request_ids=["t"]).payload
+    assert len(huge) > cap
+    poison = {
+        b'{"not": json': "not UTF-8 JSON",
+        whole[: len(whole) // 2]: "not UTF-8 JSON",  # truncated
+        b"\xff\xfe" + whole: "not UTF-8 JSON",
+        b'{"task": "sluice.write_events", "args": []}': "not a kombu envelope",
+        b"[1, 2, 3]": "a JSON list, not a kombu envelope",
+        orjson.dumps(_envelope(body=orjson.dumps({"events": []}).decode())): "invalid task message: ValueError",
+        orjson.dumps(_envelope(body={"events": []})): "the body is a JSON dict, not a string",
+        orjson.dumps(_envelope(properties__body_encoding="base64", body="%%% not base64")): "Invalid base64",
+        orjson.dumps(_envelope(headers__eta="tomorrow")): "invalid ETA",
+        orjson.dumps(_envelope(headers__task=["a", "list"])): "unhashable type",
+        b"x" * (cap - 10): "not UTF-8 JSON",  # big, under the cap: parsed and refused
+        huge: "over SLUICE_MAX_MESSAGE_BYTES",  # over the cap: refused before parsing
+    }
+    good = [view() for _ in range(3)]
+    db.lpush(keys.EVENTS_QUEUE, message.build([good[0]], accepted_at=time.time(), request_ids=["t"]).payload)
+    for i, raw in enumerate(poison):
+        db.lpush(keys.EVENTS_QUEUE, raw)
+        if i == 5:
+            db.lpush(keys.EVENTS_QUEUE, message.build([good[1]], accepted_at=time.time(), request_ids=["t"]).payload)
+    db.lpush(keys.EVENTS_QUEUE, message.build([good[2]], accepted_at=time.time(), request_ids=["t"]).payload)
+
+    worker = start_worker(profile, log_dir, name="worker-malformed", SLUICE_REDIS_URL=queue_settings.redis_url,
+                          SLUICE_MAX_MESSAGE_BYTES=str(cap), SLUICE_MAX_BATCH_EVENTS="100",
+                          SLUICE_PUBLISH_MAX_EVENTS="100")  # fmt: skip
+    try:
+        for event in good:
+            wait_until(lambda e=event: stored_rows(cassandra, e["event_id"]) == (1, 1), 30, "the valid events")
+        wait_until(lambda: len(dead_letters(db)) == len(poison), 20, "a dead letter per malformed message")
+        time.sleep(1)
+        assert worker.alive(), worker.log_text()[-3000:]
+    finally:
+        worker.stop()
+    kept = {raw_bytes(r["event"]): r for r in dead_letters(db).values()}
+    for raw, why in poison.items():
+        assert raw in kept, f"no dead letter holds {raw[:60]!r}"
+        assert why in str(kept[raw]["reason"]), (why, kept[raw]["reason"])
+        assert kept[raw]["attempts"] == 1
+    assert db.llen(keys.EVENTS_QUEUE) == 0
+    assert db.hlen(keys.UNACKED) == 0
+    assert "Unrecoverable error" not in worker.log_text()
+
+
+def test_a_worker_that_stops_unexpectedly_exits_non_zero(
+    db: redis.Redis, queue_settings: Settings, profile: Profile, log_dir: Path
+) -> None:
+    """A queue key holding a string (an operator's slip) is an error Celery cannot recover from: the worker
+    stops, and says so with its exit code, so a supervisor restarts it (and ``make up`` reports it)."""
+    db.set(keys.EVENTS_QUEUE, "not a list")
+    try:
+        env = service_env(profile, SLUICE_REDIS_URL=queue_settings.redis_url)
+        worker = Service("worker-unrecoverable", "worker", env, log_dir)
+        try:
+            code = worker.proc.wait(timeout=60)
+        finally:
+            worker.stop()
+    finally:
+        db.delete(keys.EVENTS_QUEUE)
+    assert "Unrecoverable error" in worker.log_text()
+    assert code != 0
+
+
+def test_an_integer_over_64_bits_is_dead_lettered_once(
+    db: redis.Redis, celery: Celery, queue_settings: Settings, cassandra: Session, profile: Profile, log_dir: Path
+) -> None:
+    """JSON allows any integer, orjson writes only 64-bit ones: the dead letter keeps such an event in its raw
+    form, after one attempt, and the valid event beside it is stored."""
+    big, good = view(listing_id=2**70), view()
+    celery.send_task(WRITE_EVENTS, args=[[big, good], time.time()])
+    worker = start_worker(profile, log_dir, name="worker-bigint", SLUICE_REDIS_URL=queue_settings.redis_url)
+    try:
+        wait_until(lambda: stored_rows(cassandra, good["event_id"]) == (1, 1), 20, "the valid event")
+        wait_until(lambda: big["event_id"] in dead_letters(db), 10, "the event with a 71-bit listing id")
+        wait_until(lambda: db.llen(keys.EVENTS_QUEUE) + db.hlen(keys.UNACKED) == 0, 10, "the message to be done")
+    finally:
+        worker.stop()
+    record = dead_letters(db)[big["event_id"]]
+    assert record["attempts"] == 1
+    assert "listing_id" in str(record["reason"])
+    assert json.loads(raw_bytes(record["event"]) or b"") == big  # every digit kept
+    assert "returning the message to the queue" not in worker.log_text()

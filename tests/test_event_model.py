@@ -46,9 +46,11 @@ def test_valid_view_and_booking() -> None:
         ("user_id", 1.5, "int_type"),
         ("event_id", "not-a-uuid", "uuid_parsing"),
         ("event_id", 12345, "value_error"),
-        ("occurred_at", "2026-11-25T09:30:00", "timezone_aware"),
+        # Not RFC 3339 with an offset (our check, before pydantic's parser), and a date that does not exist.
+        ("occurred_at", "2026-11-25T09:30:00", "value_error"),
         ("occurred_at", 1_764_000_000, "value_error"),
-        ("occurred_at", "yesterday", "datetime_from_date_parsing"),
+        ("occurred_at", "yesterday", "value_error"),
+        ("occurred_at", "2026-02-30T09:30:00Z", "datetime_from_date_parsing"),
     ],
 )
 def test_strict_fields_on_a_view(field: str, value: Any, error_type: str) -> None:
@@ -260,3 +262,21 @@ def test_the_worker_converts_only_the_exact_queued_form_without_validating() -> 
         [good],
     ):
         assert parse_queued(bad) is None, bad
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["1764063000", "1764063000.25", "2026-11-25 09:30:00Z", "2026-11-25T09:30Z", "2026-11-25T09:30:00+0100",
+     "2026-11-25T09:30:00", "20261125T093000Z", "2026-11-25"],
+)  # fmt: skip
+def test_occurred_at_must_be_rfc_3339_with_an_offset(value: str) -> None:
+    errors = validate_event(view(occurred_at=value))
+    assert isinstance(errors, list), f"{value!r} was accepted"
+    assert [e.loc for e in errors] == [["occurred_at"]]
+    assert "RFC 3339" in errors[0].msg
+    assert ("Unix time" in errors[0].msg) == value[0:10].isdigit()
+
+
+@pytest.mark.parametrize("value", ["2026-11-25T09:30:00Z", "2026-11-25t09:30:00.250z", "2026-11-25T09:30:00.25-05:30"])
+def test_rfc_3339_forms_are_accepted(value: str) -> None:
+    assert not isinstance(validate_event(view(occurred_at=value)), list)

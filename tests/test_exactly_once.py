@@ -176,6 +176,29 @@ def test_no_202_without_its_marks(lone_api: Service, db: redis.Redis) -> None:
     assert db.llen(keys.EVENTS_QUEUE) == 1
 
 
+def test_an_identical_repost_of_a_price_in_another_spelling_is_a_duplicate(
+    client: httpx.Client, worker: Service, cassandra: Session, redis_client: redis.Redis
+) -> None:
+    """``"0149.90"`` is stored as the decimal 149.90 and read back as ``"149.90"``: fields are compared in that
+    stored form, so posting the very same bytes again after the write (or ``"149.90"``) is a duplicate, not
+    a conflict."""
+    event = booking(total_price="0149.90")
+    body = orjson.dumps(event)
+    headers = {"Content-Type": "application/json"}
+    assert client.post("/v1/events", content=body, headers=headers).status_code == 202
+    wait_until(lambda: stored_rows(cassandra, event["event_id"]) == (1, 1), 10, "the event")
+    assert client.get(f"/v1/events/{event['event_id']}").json()["event"]["total_price"] == "149.90"
+    for again in (body, orjson.dumps(event | {"total_price": "149.90"})):
+        wait_until(lambda: not redis_client.hexists(keys.QUEUED, event["event_id"]), 10, "the event's mark cleared")
+        assert client.post("/v1/events", content=again, headers=headers).status_code == 202
+        wait_until(lambda: not redis_client.hexists(keys.QUEUED, event["event_id"]), 10, "the re-post handled")
+        assert not redis_client.hexists(keys.DEAD_LETTERS, event["event_id"]), redis_client.hget(
+            keys.DEAD_LETTERS, event["event_id"]
+        )
+    assert client.get(f"/v1/events/{event['event_id']}").json()["status"] == "stored"
+    assert stored_rows(cassandra, event["event_id"]) == (1, 1)
+
+
 def test_a_refused_dead_letter_sends_the_message_back(
     db: redis.Redis, servers: Servers, cassandra: Session, profile: Profile, log_dir: Path
 ) -> None:

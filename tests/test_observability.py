@@ -147,3 +147,19 @@ def test_grafana_dashboard_queries_name_exported_metrics(api: Service) -> None:
     on_dashboard = {re.sub(r"_(bucket|sum|count|total)$", "", n) for n in named}
     promised = {re.sub(r"_(bucket|sum|count|total)$", "", n) for n in MOVING + PRESENT}
     assert promised <= on_dashboard, sorted(promised - on_dashboard)
+
+
+def test_no_payload_in_the_worker_log_at_info(worker: Service, settings: Settings, cassandra: Session) -> None:
+    """A message in the older producer format (``send_task`` with the events as arguments, which the worker
+    still accepts) must not put its events in Celery's "received" and "succeeded" lines."""
+    event = view(user_id=987_654_321_123)
+    app = make_celery(settings)
+    try:
+        app.send_task(WRITE_EVENTS, args=[[event], time.time()])
+    finally:
+        app.close()
+    wait_until(lambda: stored_rows(cassandra, event["event_id"]) == (1, 1), 20, "the event")
+    wait_until(lambda: "succeeded" in worker.log_text(), 5, "Celery's line for the task")
+    log = worker.log_text()
+    assert event["event_id"] not in log
+    assert str(event["user_id"]) not in log

@@ -113,6 +113,56 @@ def test_invalid_parameters_are_422(client_factory: Any, params: dict[str, Any],
     assert where in str(response.json()["error"]["details"])
 
 
+@pytest.mark.parametrize(
+    ("path", "params", "where"),
+    [
+        ("events", {"to": "0001-01-01T00:00:00Z"}, "to"),
+        ("events", {"from": "0001-01-01T00:00:00Z", "to": "0001-01-02T00:00:00Z"}, "from,to"),
+        ("events", {"from": "0001-01-01T00:00:00+01:00"}, "from"),
+        ("events", {"to": "9999-12-31T23:59:59Z"}, "to"),
+        ("events", {"from": "9999-12-30T00:00:00Z", "to": "9999-12-31T23:59:59Z"}, "from,to"),
+        ("events", {"to": "9999-12-31T23:00:00-05:00"}, "to"),
+        ("events", {"to": "1999-12-31T00:00:00Z"}, "to"),
+        ("events", {"to": "2000-01-01T00:00:00Z"}, "to"),  # nothing can lie before it
+        ("stats", {"to": "0001-01-01"}, "to"),
+        ("stats", {"from": "0001-01-01", "to": "0001-01-03"}, "from,to"),
+        ("stats", {"to": "9999-12-31"}, "to"),
+        ("stats", {"from": "9999-12-30", "to": "9999-12-31"}, "from,to"),
+        ("stats", {"from": "2199-12-31", "to": "2200-01-01"}, "to"),
+    ],
+)
+def test_dates_out_of_range_are_422_naming_the_parameter(
+    client_factory: Any, path: str, params: dict[str, Any], where: str
+) -> None:
+    with client_factory() as client:
+        response = client.get(f"/v1/listings/42/{path}", params=params)
+    assert response.status_code == 422, response.text
+    assert [d["loc"] for d in response.json()["error"]["details"]] == [["query", w] for w in where.split(",")]
+
+
+def test_paging_works_with_the_default_range(client_factory: Any) -> None:
+    """Without from/to the range ends "now", which moves: the token keeps the range the first page used."""
+    listing_id = random.randint(10**9, 10**12)
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    events = [view(listing_id=listing_id, occurred_at=(now - dt.timedelta(hours=h)).isoformat()) for h in (1, 30, 80)]
+    with client_factory() as client:
+        assert client.post("/v1/events/batch", json={"events": events}).json()["accepted"] == 3
+        for event in events:
+            wait_until(lambda e=event: client.get(f"/v1/events/{e['event_id']}").json().get("status") == "stored", 20,
+                       "the events to be stored")  # fmt: skip
+        ids, token = [], None
+        for _ in range(4):
+            time.sleep(0.01)  # "now" moves between pages
+            page = client.get(f"/v1/listings/{listing_id}/events",
+                              params={"limit": 1} | ({"page_token": token} if token else {}))  # fmt: skip
+            assert page.status_code == 200, page.text
+            ids += [e["event_id"] for e in page.json()["events"]]
+            token = page.json()["next_page_token"]
+            if token is None:
+                break
+    assert ids == [e["event_id"] for e in reversed(events)]
+
+
 def test_a_token_only_works_for_its_own_query(listing: tuple[int, list[dict[str, Any]]], client_factory: Any) -> None:
     listing_id, _ = listing
     with client_factory() as client:

@@ -21,13 +21,16 @@ from sluice.queue import make_celery
 from sluice.settings import get_settings
 from worker.clients import clients
 from worker.recovery import recover_lost
+from worker.transport import transport_for
 
 log = logging.getLogger("sluice.worker")
 
 settings = get_settings()
 app = make_celery(settings)
-# Messages Celery cannot decode or route go to the dead-letter store instead of being dropped.
+# Messages Celery cannot decode or route go to the dead-letter store instead of being dropped, and so do
+# messages kombu cannot even parse (the transport's guard): no bytes on the queue can stop a worker.
 app.conf.worker_consumer = "worker.consumer:DeadLetteringConsumer"
+app.conf.broker_transport = transport_for(settings.redis_url)
 # The tasks module imports this one (for ``app``); the worker imports it at start, so no cycle.
 app.conf.include = ["worker.tasks"]
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
+
+from celery.signals import worker_init
 
 from sluice import keys
 from sluice.logs import setup_logging
@@ -20,8 +23,11 @@ def run(
     pool: str | None = None,
     loglevel: str | None = None,
     extra: Sequence[str] = (),
-) -> None:
-    """Run ``celery worker`` in this process; None takes the settings' value (or Celery's, for the pool)."""
+) -> int:
+    """Run ``celery worker`` in this process; None takes the settings' value (or Celery's, for the pool).
+
+    Returns the worker's exit code: 0 after a warm shutdown, 1 after Celery's "Unrecoverable error" (so a
+    supervisor sees the crash; ``app.worker_main`` drops the code and would make it 0)."""
     # prometheus_client needs its multiprocess directory to exist before anything imports it.
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
@@ -40,4 +46,17 @@ def run(
     ]  # fmt: skip
     if pool:
         argv += ["--pool", pool]
-    app.worker_main([*argv, *extra])
+    # Celery's command ends with ctx.exit(worker.exitcode), but worker_main (and app.start) drop that code:
+    # read it off the worker itself, which the worker_init signal hands over.
+    workers: list[Any] = []
+
+    def keep(sender: Any, **_: Any) -> None:
+        workers.append(sender)
+
+    worker_init.connect(keep, weak=False)
+    try:
+        app.worker_main([*argv, *extra])
+    finally:
+        worker_init.disconnect(keep)
+    code = workers[-1].exitcode if workers else None
+    return code if isinstance(code, int) else 0

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import redis
 from celery import Task
 from celery.exceptions import Reject
 
@@ -62,9 +63,11 @@ class _MustRequeue(Exception):
 
 
 def _dead_letter(items: Sequence[Item], **kwargs: Any) -> None:
+    # Only Redis can refuse a dead letter: the record holds any content (sluice/deadletters.py), so an event
+    # can never make this fail, and requeueing happens only while Redis refuses writes.
     try:
         deadletters.add(clients.redis, items, **kwargs)
-    except Exception as exc:
+    except redis.RedisError as exc:
         raise _MustRequeue(f"could not dead-letter {len(items)} item(s): {exc!r}") from exc
 
 
@@ -94,7 +97,24 @@ def write_events(self: Task[Any, Any], *args: Any, **kwargs: Any) -> int:
     are stored. Takes ``*args``: a message with the wrong arguments must be dead-lettered, not lost to a
     TypeError before this body runs."""
     try:
-        return _write_events(self, args, kwargs)
+        try:
+            return _write_events(self, args, kwargs)
+        except _MustRequeue:
+            raise
+        except Exception as exc:  # whatever the content, the message ends as a dead letter
+            # Not one of the outcomes above: content this code did not foresee, a bug, or the soft time limit.
+            # Raising would drop the message (Celery rejects a failed task without requeue) and requeueing it
+            # would loop, so its events are dead-lettered, once: each on its own where the arguments say which
+            # (so each leaves the recovery index and is not queued again to fail the same way), else the
+            # message as it came. What of it was already stored stays stored (a replay finds it stored).
+            log.exception("task %s failed on its content; dead-lettering its events", self.request.id)
+            parsed = message.parse_arguments(args, kwargs)
+            reason = f"task failed: {exc!r}"[:1000]
+            items = ([Item(event, reason) for event in parsed.events] if not isinstance(parsed, str) else []) or [
+                Item({"args": args, "kwargs": kwargs}, reason)]  # fmt: skip
+            _dead_letter(items, kind="task_failed", task_id=self.request.id, attempts=self.request.retries + 1)
+            _finish([], time.time())
+            return 0
     except _MustRequeue as exc:
         log.error("%s; returning the message to the queue", exc)
         # Redis is refusing writes (full, or failing over): a pause, or this message would loop hot.

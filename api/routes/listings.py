@@ -12,17 +12,18 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from uuid import UUID
 
 import orjson
-from fastapi import APIRouter, Path, Query
-from pydantic import AwareDatetime, BaseModel, create_model
+from fastapi import APIRouter, Path, Query, Request
+from pydantic import AfterValidator, AwareDatetime, BaseModel, create_model
 
-from api.deps import AUTHORIZED, RATE_LIMITED, ResourcesDep, StoreDep
+from api.deps import AUTHORIZED, RATE_LIMITED, ResourcesDep, StoreDep, charge
 from api.errors import ApiError, store_read_failed
 from api.responses import JSONResponse
 from api.routes.events import AUTH_ERRORS, StoredEventOut, _errors
 from sluice.cassandra import Store
-from sluice.eventtypes import REGISTRY, TYPE_NAMES
+from sluice.eventtypes import EARLIEST, LATEST_DAY, REGISTRY, TYPE_NAMES
 
-router = APIRouter(prefix="/v1/listings", tags=["listings"], dependencies=[AUTHORIZED, RATE_LIMITED])
+# The rate limit: a page of events costs one unit (it reads at most SCAN_BUDGET rows); /stats charges its own.
+router = APIRouter(prefix="/v1/listings", tags=["listings"], dependencies=[AUTHORIZED])
 
 #: The widest time range one request may cover: it bounds the day partitions one page may visit.
 MAX_RANGE = dt.timedelta(days=92)
@@ -35,6 +36,32 @@ ListingId = Annotated[int, Path(gt=0, le=2**63 - 1)]
 SCAN_BUDGET = 2000
 #: Where a page starts: the day partition, the (occurred_at, event_id) position, and whether it is included.
 _Cursor = tuple[dt.date, tuple[dt.datetime, UUID], bool]
+#: /stats: rows its counts scan per rate-limit unit (on top of one unit per partition and type it counts).
+ROWS_PER_UNIT = 100
+
+#: The instants and days a read may name: where events can be (none before 2000, none after 2199). Checked
+#: before any arithmetic: a date near 0001-01-01 or 9999-12-31 would overflow it (a 500 or 503, not a 422).
+READ_LATEST = dt.datetime.combine(LATEST_DAY + dt.timedelta(days=1), dt.time(), dt.UTC)
+
+
+def _instant_in_range(value: dt.datetime) -> dt.datetime:
+    try:
+        value = value.astimezone(dt.UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:00:00-05:00 is past datetime's last instant in UTC
+        value = dt.datetime.max.replace(tzinfo=dt.UTC)
+    if not EARLIEST <= value <= READ_LATEST:
+        raise ValueError("must be between 2000-01-01T00:00:00Z and 2200-01-01T00:00:00Z")
+    return value
+
+
+def _day_in_range(value: dt.date) -> dt.date:
+    if not EARLIEST.date() <= value <= LATEST_DAY:
+        raise ValueError("must be between 2000-01-01 and 2199-12-31")
+    return value
+
+
+ReadInstant = Annotated[AwareDatetime, AfterValidator(_instant_in_range)]
+ReadDay = Annotated[dt.date, AfterValidator(_day_in_range)]
 
 
 READ_ERRORS = {**AUTH_ERRORS, **_errors(422, "Invalid parameters."), **_errors(503, "Cassandra is unreachable.")}
@@ -59,11 +86,15 @@ else:
 
 
 def _range(start: dt.datetime | None, end: dt.datetime | None) -> tuple[dt.datetime, dt.datetime]:
-    end = (end or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
-    start = (start or end - DEFAULT_RANGE).astimezone(dt.UTC)
+    """The range a first page covers; both ends already in range and in UTC (:data:`ReadInstant`)."""
+    given_start = start is not None
+    end = end or dt.datetime.now(dt.UTC)
+    start = start or max(EARLIEST, end - DEFAULT_RANGE)
     if start >= end:
-        raise ApiError(422, "invalid_range", "'from' must be before 'to'", [{"loc": ["query", "from"],
-                       "msg": "must be before 'to'", "type": "value_error"}])  # fmt: skip
+        where = "from" if given_start else "to"
+        raise ApiError(422, "invalid_range", "'from' must be before 'to'", [{"loc": ["query", where],
+                       "msg": "must be after 'from'" if where == "to" else "must be before 'to'",
+                       "type": "value_error"}])  # fmt: skip
     if end - start > MAX_RANGE:
         raise ApiError(422, "invalid_range", f"a request covers at most {MAX_RANGE.days} days",
                        [{"loc": ["query", "from"], "msg": f"at most {MAX_RANGE.days} days before 'to'",
@@ -71,14 +102,22 @@ def _range(start: dt.datetime | None, end: dt.datetime | None) -> tuple[dt.datet
     return start, end
 
 
-def _query_hash(listing_id: int, kind: str | None, start: dt.datetime, end: dt.datetime) -> str:
-    return hashlib.sha256(f"{listing_id}|{kind}|{start.isoformat()}|{end.isoformat()}".encode()).hexdigest()[:16]
+def _query_hash(listing_id: int, kind: str | None, start: dt.datetime | None, end: dt.datetime | None) -> str:
+    """The query's parameters as the client sent them (None: left to its default), which every page repeats."""
+    ends = "|".join(v.isoformat() if v is not None else "default" for v in (start, end))
+    return hashlib.sha256(f"{listing_id}|{kind}|{ends}".encode()).hexdigest()[:16]
 
 
-def _encode_token(key: bytes, query: str, cursor: _Cursor) -> str:
+def _ms(at: dt.datetime) -> int:
+    return int(at.replace(tzinfo=dt.UTC).timestamp() * 1000)
+
+
+def _encode_token(key: bytes, query: str, span: tuple[dt.datetime, dt.datetime], cursor: _Cursor) -> str:
+    """A signed token for the next page: the query's parameters, the range the first page resolved them to
+    (a default 'to' is "now", which moves: the next pages keep the first one's), and where to go on."""
     day, (at, event_id), inclusive = cursor
-    ms = int(at.replace(tzinfo=dt.UTC).timestamp() * 1000)
-    payload = orjson.dumps({"q": query, "d": day.isoformat(), "t": ms, "e": str(event_id), "i": inclusive})
+    payload = orjson.dumps({"q": query, "s": _ms(span[0]), "u": _ms(span[1]), "d": day.isoformat(), "t": _ms(at),
+                            "e": str(event_id), "i": inclusive})  # fmt: skip
     return f"{_b64(payload)}.{_b64(_sign(key, payload))}"
 
 
@@ -99,8 +138,8 @@ def _bad_token(why: str) -> ApiError:
                     [{"loc": ["query", "page_token"], "msg": why, "type": "value_error"}])  # fmt: skip
 
 
-def _decode_token(key: bytes, token: str, query: str, start: dt.datetime, end: dt.datetime) -> _Cursor:
-    """The cursor a token holds: only one this API signed, for this very query, inside its range."""
+def _decode_token(key: bytes, token: str, query: str) -> tuple[tuple[dt.datetime, dt.datetime], _Cursor]:
+    """The range and cursor a token holds: only one this API signed, for this very query, inside its range."""
     try:
         payload_text, signature_text = token.split(".")
         payload = _unb64(payload_text)
@@ -113,6 +152,8 @@ def _decode_token(key: bytes, token: str, query: str, start: dt.datetime, end: d
         data = orjson.loads(payload)
         day = dt.date.fromisoformat(data["d"])
         at = dt.datetime.fromtimestamp(int(data["t"]) / 1000, dt.UTC)
+        start = dt.datetime.fromtimestamp(int(data["s"]) / 1000, dt.UTC)
+        end = dt.datetime.fromtimestamp(int(data["u"]) / 1000, dt.UTC)
         cursor = (day, (at, UUID(data["e"])), bool(data["i"]))
         same_query = data["q"] == query
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
@@ -122,7 +163,7 @@ def _decode_token(key: bytes, token: str, query: str, start: dt.datetime, end: d
     # Signed tokens are ours, but a cursor outside the query's range would send the scan elsewhere.
     if not (start.date() <= day <= end.date() and start - dt.timedelta(days=1) <= at <= end):
         raise _bad_token("it points outside the query's range")
-    return cursor
+    return (start, end), cursor
 
 
 @router.get(
@@ -131,22 +172,25 @@ def _decode_token(key: bytes, token: str, query: str, start: dt.datetime, end: d
     responses=PAGE_ERRORS,
     summary="A listing's events in time order, paged",
     operation_id="listListingEvents",
+    dependencies=[RATE_LIMITED],
 )
 async def listing_events(
     listing_id: ListingId,
     store: StoreDep,
     resources: ResourcesDep,
     type: Annotated[Literal[TYPE_NAMES] | None, Query(description="Only events of this type")] = None,  # type: ignore[valid-type]
-    from_: Annotated[AwareDatetime | None, Query(alias="from", description="Inclusive; default: 'to' - 7 days")] = None,
-    to: Annotated[AwareDatetime | None, Query(description="Exclusive; default: now")] = None,
+    from_: Annotated[ReadInstant | None, Query(alias="from", description="Inclusive; default: 'to' - 7 days")] = None,
+    to: Annotated[ReadInstant | None, Query(description="Exclusive; default: now")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     page_token: Annotated[str | None, Query(max_length=512, description="From the previous page")] = None,
 ) -> JSONResponse:
-    start, end = _range(from_, to)
-    query = _query_hash(listing_id, type, start, end)
+    query = _query_hash(listing_id, type, from_, to)
     key = resources.page_token_key
-    day, position, inclusive = _decode_token(key, page_token, query, start, end) if page_token else (
-        start.date(), (start, ZERO), True)  # fmt: skip
+    if page_token:
+        (start, end), (day, position, inclusive) = _decode_token(key, page_token, query)
+    else:
+        start, end = _range(from_, to)
+        day, position, inclusive = start.date(), (start, ZERO), True
     out: list[dict[str, Any]] = []
     positions: list[_Cursor] = []
     # One row more than asked for tells whether there is a next page (so the last page has no token).
@@ -177,10 +221,10 @@ async def listing_events(
     except Exception as exc:  # noqa: BLE001 - a failed read is the store's fault, not the caller's
         raise store_read_failed(exc) from None
     if len(out) > limit:
-        token: str | None = _encode_token(key, query, positions[limit - 1])
+        token: str | None = _encode_token(key, query, (start, end), positions[limit - 1])
     elif len(out) < wanted and day <= end.date():
         # The scan budget ran out first (a type filter skipping many rows): a short page, and where to go on.
-        token = _encode_token(key, query, (day, position, inclusive))
+        token = _encode_token(key, query, (start, end), (day, position, inclusive))
     else:
         token = None
     return JSONResponse({"events": out[:limit], "next_page_token": token})
@@ -194,21 +238,28 @@ async def listing_events(
     operation_id="getListingStats",
 )
 async def listing_stats(
+    request: Request,
     listing_id: ListingId,
     store: StoreDep,
-    from_: Annotated[dt.date | None, Query(alias="from", description="First day (UTC); default: 'to' - 6")] = None,
-    to: Annotated[dt.date | None, Query(description="Last day (UTC), inclusive; default: today")] = None,
+    resources: ResourcesDep,
+    from_: Annotated[ReadDay | None, Query(alias="from", description="First day (UTC); default: 'to' - 6")] = None,
+    to: Annotated[ReadDay | None, Query(description="Last day (UTC), inclusive; default: today")] = None,
 ) -> JSONResponse:
     last = to or dt.datetime.now(dt.UTC).date()
-    first = from_ or last - dt.timedelta(days=6)
+    first = from_ or max(EARLIEST.date(), last - dt.timedelta(days=6))
     if first > last or (last - first) >= MAX_RANGE:
         raise ApiError(422, "invalid_range", f"'from' must not be after 'to', and at most {MAX_RANGE.days} days",
                        [{"loc": ["query", "from"], "msg": "invalid range", "type": "value_error"}])  # fmt: skip
     days = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
+    # What it costs is what it scans: each (day, type) is one count over that day's partition, paid before
+    # reading; the rows those counts scanned (every row of each partition, once per type) after.
+    charge(request, len(days) * len(TYPE_NAMES))
     try:
         counts = await _count_days(store, listing_id, days)
     except Exception as exc:  # noqa: BLE001
         raise store_read_failed(exc) from None
+    scanned = len(TYPE_NAMES) * sum(sum(row) for row in counts)
+    resources.limiter.debit(request.state.key_id, scanned // ROWS_PER_UNIT)
     per_day = [
         {"day": day.isoformat(), **dict(zip(STATS_KEYS, row, strict=True))}
         for day, row in zip(days, counts, strict=True)

@@ -1,0 +1,131 @@
+"""Connection hygiene, on real sockets against a real API process: idle, slow-header and slow-body connections
+are closed, and a process holds a bounded number of connections (api/http.py; the settings' defaults are in
+the README). Short limits here, so each case takes a few seconds."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from cassandra.cluster import Session
+
+from devstack import Profile
+from tests.support import TEST_KEY, Service, start_api, view
+
+IDLE_S, HEADER_S, BODY_S, MAX_CONNECTIONS = 2.0, 1.5, 1.5, 8
+
+
+@pytest.fixture(scope="module")
+def guarded_api(cassandra: Session, profile: Profile, log_dir: Path) -> Iterator[Service]:
+    service = start_api(
+        profile, log_dir, name="api-connections", SLUICE_API_PORT=str(profile.api_port + 4),
+        SLUICE_REDIS_URL=f"redis://127.0.0.1:{profile.redis_port}/10",
+        SLUICE_HTTP_IDLE_TIMEOUT_S=str(IDLE_S), SLUICE_HTTP_HEADER_TIMEOUT_S=str(HEADER_S),
+        SLUICE_HTTP_BODY_TIMEOUT_S=str(BODY_S), SLUICE_HTTP_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
+    )  # fmt: skip
+    yield service
+    service.stop()
+
+
+def connect(api: Service) -> socket.socket:
+    host, port = api.base_url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def read_until_closed(sock: socket.socket, within: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and when it closed (seconds from now)."""
+    started = time.monotonic()
+    sock.settimeout(within)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        raise AssertionError(f"still open after {within} s; got {data[:200]!r}") from None
+    except ConnectionResetError:
+        pass
+    return data, time.monotonic() - started
+
+
+def trickle(sock: socket.socket, data: bytes, every: float, until: float) -> None:
+    """Send ``data`` a byte at a time, one every ``every`` seconds, for at most ``until`` seconds (or until the
+    server closes)."""
+    deadline = time.monotonic() + until
+    for byte in data:
+        if time.monotonic() > deadline:
+            return
+        try:
+            sock.send(bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):
+            return
+        time.sleep(every)
+
+
+def test_an_idle_connection_is_closed_new_or_kept_alive(guarded_api: Service) -> None:
+    with connect(guarded_api) as fresh:
+        data, after = read_until_closed(fresh, IDLE_S + 3)
+    assert data == b""
+    assert IDLE_S - 0.5 <= after <= IDLE_S + 1.5
+    with connect(guarded_api) as kept:
+        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)
+        assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+        data, after = read_until_closed(kept, IDLE_S + 3)
+    assert data == b""
+    assert after <= IDLE_S + 1.5
+
+
+def test_headers_sent_a_byte_at_a_time_get_408(guarded_api: Service) -> None:
+    with connect(guarded_api) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        trickle(sock, b"X-Slow: " + b"a" * 100, every=0.2, until=HEADER_S + 1)
+        data, _ = read_until_closed(sock, 5)
+    took = time.monotonic() - started
+    assert data.startswith(b"HTTP/1.1 408"), data[:200]
+    assert orjson.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    assert took <= HEADER_S + 1.5
+
+
+def test_a_body_sent_a_byte_at_a_time_gets_408(guarded_api: Service) -> None:
+    body = orjson.dumps(view())
+    head = (f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    with connect(guarded_api) as sock:
+        sock.sendall(head + body[:10])
+        started = time.monotonic()
+        trickle(sock, body[10:], every=0.2, until=BODY_S + 1)
+        data, _ = read_until_closed(sock, 5)
+    took = time.monotonic() - started
+    assert data.startswith(b"HTTP/1.1 408"), data[:300]
+    error = orjson.loads(data.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["code"] == "request_timeout"
+    assert "SLUICE_HTTP_BODY_TIMEOUT_S" in error["message"]
+    assert took <= BODY_S + 1.5
+
+
+def test_connections_over_the_cap_are_closed_at_once(guarded_api: Service) -> None:
+    held = [connect(guarded_api) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.2)  # all of them accepted
+        with connect(guarded_api) as extra:
+            data, after = read_until_closed(extra, 2)
+        assert data == b""
+        assert after < 0.5
+        # The ones it holds still serve requests.
+        held[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data, _ = read_until_closed(held[0], 5)
+        assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.2)
+    with connect(guarded_api) as again:  # room again once they are gone
+        again.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data, _ = read_until_closed(again, 5)
+    assert data.startswith(b"HTTP/1.1 200"), data[:200]
