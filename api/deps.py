@@ -136,7 +136,7 @@ def sdk_header_key(request: Request) -> str | None:
     None without the header (the key is then in the body, as PostHog sends it); 401 if the header names no
     valid key."""
     header = request.headers.get("authorization")
-    if header is None:
+    if header is None or not header.strip():
         return None
     scheme, _, value = header.strip().partition(" ")
     presented = value.strip()
