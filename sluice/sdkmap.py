@@ -52,6 +52,7 @@ POSTHOG_COUNTED: Final = {"$identify": "identify", "$set": "identify", "$groupid
 MESSAGE_ID_NAMESPACE: Final = uuid.UUID("5d1c3e0a-9b7f-5c1e-8a5e-51c1ce5d4b00")
 
 _NOT_CONTENT: Final = frozenset({"sentAt", "sent_at", "receivedAt", "writeKey", "api_key"})
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _DIGITS = re.compile(r"[0-9]{1,19}")
 _MISSING: Final = object()
 
@@ -173,7 +174,7 @@ def translate(
     if not isinstance(msg, dict):
         return _reject("unknown", "unknown", [], loc, "must be an object", "not_an_object", event_id)
     common = SDK_COMMON_SOURCES[request.format]
-    message_id = _echo(msg.get(common["event_id"].split(".")[0]))
+    message_id = _echo(_get(msg, common["event_id"]))
     if request.format == "segment":
         call = str(msg.get("type", "")).lower()
         if call in COUNTED_CALLS:
@@ -245,6 +246,8 @@ def derive_event_id(msg: Any, request: Request) -> str:
     source = SDK_COMMON_SOURCES[request.format]["event_id"] if isinstance(msg, dict) else ""
     value = _get(msg, source) if source else _MISSING
     if isinstance(value, str) and len(value) == 36:
+        if _CANONICAL_UUID.fullmatch(value):  # what the SDKs send: no need for a UUID object
+            return value
         try:
             return str(uuid.UUID(value))
         except ValueError:
@@ -305,11 +308,17 @@ def _identifier(value: Any) -> int | None:
 
 def _get(msg: Any, path: str) -> Any:
     value = msg
-    for part in path.split("."):
+    for part in _parts(path):
         if not isinstance(value, dict) or part not in value:
             return _MISSING
         value = value[part]
     return value
+
+
+@lru_cache(maxsize=1024)
+def _parts(path: str) -> tuple[str, ...]:
+    # A handful of distinct paths, read for every message: split once (bounded: the mapping's paths).
+    return tuple(path.split("."))
 
 
 def _at_source(error: FieldError, paths: Mapping[str, str], loc: tuple[str | int, ...]) -> FieldError:

@@ -162,12 +162,12 @@ def test_services(templates: dict[str, Any]) -> None:
     services = templates["services"]["Resources"]
     group = services["ApiTargetGroup"]["Properties"]
     assert group["HealthCheckPath"] == "/healthz"
-    # Only /v1/* and /healthz reach the API; the listener answers 404 for the rest.
+    # Only /v1/*, PostHog's /batch/ and /healthz reach the API; the listener answers 404 for the rest.
     listener = services["HttpsListener"]["Properties"]
     assert listener["DefaultActions"][0]["Type"] == "fixed-response"
     assert listener["DefaultActions"][0]["FixedResponseConfig"]["StatusCode"] == "404"
     rule = services["PublicRoutes"]["Properties"]
-    assert rule["Conditions"] == [{"Field": "path-pattern", "PathPatternConfig": {"Values": ["/v1/*", "/healthz"]}}]
+    assert rule["Conditions"] == [{"Field": "path-pattern", "PathPatternConfig": {"Values": ["/v1/*", "/batch", "/batch/", "/healthz"]}}]
     assert {"Key": "deregistration_delay.timeout_seconds", "Value": "30"} in group["TargetGroupAttributes"]
     api = services["ApiService"]["Properties"]
     assert api["DeploymentConfiguration"]["DeploymentCircuitBreaker"] == {"Enable": True, "Rollback": True}
