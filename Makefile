@@ -15,7 +15,7 @@ SYNCED := $(VENV)/.synced-$(shell cat uv.lock pyproject.toml | cksum | cut -d' '
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: help up test setup deps lint format typecheck infra-check pytest containers containers-check container-test loadtest bench chaos down clean
+.PHONY: help up test setup deps sdk-node lint format typecheck infra-check pytest containers containers-check container-test loadtest bench chaos down clean
 
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,8 +56,16 @@ typecheck: deps ## mypy --strict on our packages
 infra-check: deps ## hadolint, compose schema, cfn-lint and checkov, all offline
 	@bash infra/validate.sh
 
-pytest: deps ## the test suite alone (starts its own Redis and Cassandra on test ports), without the container suite
+pytest: deps sdk-node ## the test suite alone (starts its own Redis and Cassandra on test ports), without the container suite
 	@$(VENV)/bin/pytest -m "not containers" $(PYTEST_ARGS)
+
+# Segment's Node SDK for tests/test_sdk_node.py, from npm as package-lock.json pins it; once per lock file.
+NODE_SDK := tests/sdk/node
+NODE_SDK_STAMP := $(NODE_SDK)/node_modules/.installed-$(shell cat $(NODE_SDK)/package-lock.json 2>/dev/null | cksum | cut -d' ' -f1)
+sdk-node: ## the Node analytics SDK the tests send through (npm ci, cached; skipped without node)
+	@if ! command -v node >/dev/null; then echo "[sluice] node not found: the Node SDK's tests will skip"; \
+	elif [ ! -f $(NODE_SDK_STAMP) ]; then echo "[sluice] installing the Node SDK into $(NODE_SDK)/node_modules (npm ci)"; \
+	  npm ci --prefix $(NODE_SDK) --no-audit --no-fund --loglevel=error && touch $(NODE_SDK_STAMP); fi
 
 containers: setup ## a Docker engine, compose v2 and every image compose names (local stand-ins where pulls fail)
 	@export SLUICE_T0=$$(date +%s); bash containers/engine.sh engine && { \

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import time
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from api.errors import ApiError
 from api.publisher import BatchingPublisher
 from api.ratelimit import RateLimiter, retry_after_header
 from sluice.cassandra import Store
+from sluice.sdkmap import SdkMapping
 from sluice.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,8 @@ class Resources:
     monitor: QueueMonitor
     #: Signs page tokens (api/routes/listings.py).
     page_token_key: bytes
+    #: SDK event names -> event types (api/routes/sdk.py), from the registry and SLUICE_SDK_EVENTS.
+    sdk_mapping: SdkMapping
 
 
 def _state(request: Request) -> Resources:
@@ -117,6 +122,45 @@ async def _authorize(
             "a valid API key is required: Authorization: Bearer <key>",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    request.state.key_id = key_id
+    return key_id
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": 'Basic realm="sluice"'})
+
+
+def sdk_header_key(request: Request) -> str | None:
+    """An SDK request's key id from its Authorization header, checked before its body is read: Basic with the
+    API key as user name (what Segment's and RudderStack's SDKs send; the password is not used), or Bearer.
+    None without the header (the key is then in the body, as PostHog sends it); 401 if the header names no
+    valid key."""
+    header = request.headers.get("authorization")
+    if header is None or not header.strip():
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    presented = value.strip()
+    if scheme.lower() == "basic":
+        try:
+            presented = base64.b64decode(presented, validate=True).decode().partition(":")[0]
+        except (binascii.Error, UnicodeDecodeError):
+            raise _unauthorized("the Basic credentials are not base64 of 'key:'") from None
+    elif scheme.lower() != "bearer":
+        raise _unauthorized("Authorization must be Basic (the API key as user name) or Bearer <key>")
+    key_id = _state(request).api_keys.identify(presented)
+    if key_id is None:
+        raise _unauthorized("the Authorization header holds no valid API key")
+    return key_id
+
+
+def authorize_sdk(request: Request, header_key_id: str | None, body_key: object) -> str:
+    """The caller's key id (kept on ``request.state.key_id``): the header's, else the body's key (Segment's
+    ``writeKey``, PostHog's ``api_key``); 401 without a valid one."""
+    key_id = header_key_id
+    if key_id is None and isinstance(body_key, str):
+        key_id = _state(request).api_keys.identify(body_key)
+    if key_id is None:
+        raise _unauthorized("a valid API key is required: as the Basic user name, or as writeKey / api_key in the body")
     request.state.key_id = key_id
     return key_id
 

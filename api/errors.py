@@ -1,4 +1,8 @@
-"""The API's one error shape, ``{"error": {"code", "message", "details"}}``, and the handlers that make it."""
+"""The API's one error shape, ``{"error": {"code", "message", "details"}}``, and the handlers that make it.
+
+On the analytics-SDK routes (api/routes/sdk.py) the body also carries ``code`` and ``message`` at its top
+level: Segment's and RudderStack's SDKs read exactly those two keys of an error body, and RudderStack's
+crashes without them."""
 
 from __future__ import annotations
 
@@ -46,10 +50,23 @@ class ApiError(Exception):
 
 
 def error_response(
-    status: int, code: str, message: str, details: list[Any] | None = None, headers: dict[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    details: list[Any] | None = None,
+    headers: dict[str, str] | None = None,
+    *,
+    sdk: bool = False,
 ) -> JSONResponse:
-    body = {"error": {"code": code, "message": message, "details": details or []}}
+    body: dict[str, Any] = {"error": {"code": code, "message": message, "details": details or []}}
+    if sdk:
+        body = {"code": code, "message": message, **body}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _for_sdk(request: Request) -> bool:
+    """Set by the SDK routes' first dependency (api/routes/sdk.py), before anything there can fail."""
+    return bool(getattr(request.state, "sdk", False))
 
 
 def store_read_failed(exc: Exception) -> ApiError:
@@ -67,9 +84,9 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized",
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
-        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers, sdk=_for_sdk(request))
 
     async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -79,14 +96,16 @@ def install_error_handlers(app: FastAPI) -> None:
         ]
         return error_response(422, "invalid_request", "the request's parameters are invalid", details)
 
-    async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None),
+                              sdk=_for_sdk(request))  # fmt: skip
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "an unexpected error occurred; it has been logged")
+        return error_response(500, "internal_error", "an unexpected error occurred; it has been logged",
+                              sdk=_for_sdk(request))  # fmt: skip
 
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -26,12 +26,13 @@ from api.errors import install_error_handlers
 from api.publisher import BatchingPublisher
 from api.ratelimit import RateLimiter
 from api.responses import JSONResponse
-from api.routes import events, health, listings
+from api.routes import events, health, listings, sdk
 from sluice import broker, keys
 from sluice.events import Event
 from sluice.logs import setup_logging
 from sluice.marks import AsyncMarks
 from sluice.metrics import mark_process_dead, registry
+from sluice.sdkmap import SdkMapping
 from sluice.settings import Settings, get_settings
 
 log = logging.getLogger("sluice.api")
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         api_keys = ApiKeys(settings.api_keys)  # refuses to start without a key
+        sdk_mapping = SdkMapping.from_settings(settings)  # refuses to start on a bad SLUICE_SDK_EVENTS
         # Its own client: the publish has a short timeout of its own (a stalled Redis is a fast 503/504), which
         # leaves room for the replicas' confirmation (WAIT) when one is required.
         replica_wait_s = settings.redis_replica_timeout_ms / 1000 if settings.redis_min_replicas else 0.0
@@ -74,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.resources = Resources(
             settings=settings, publisher=publisher, cassandra=cassandra, redis=redis,
             api_keys=api_keys, limiter=limiter, monitor=monitor, page_token_key=page_token_key(settings),
+            sdk_mapping=sdk_mapping,
         )  # fmt: skip
         log.info("API ready: queue %s on %s", keys.EVENTS_QUEUE, broker.describe(settings))
         if settings.redis_min_replicas:
@@ -115,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(events.router)
+    app.include_router(sdk.router)
     app.include_router(listings.router)
     app.include_router(health.router)
     # HTTP metrics per route template, method and status (one pure-ASGI middleware, no per-request I/O).

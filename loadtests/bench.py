@@ -15,7 +15,9 @@ reported. Phases, each checked end to end (every accepted event stored exactly o
    ``--fill-events`` through the API, consumers resumed: events/s from the first message taken to drained.
 3. batch: ``POST /v1/events/batch`` of 100 events, closed loop; events/s from the first request until the
    queue is drained. Sized to about ``--batch-s`` seconds of the drain rate just measured (at most
-   ``--batch-events``), so a slow worker does not make the run overrun.
+   ``--batch-events``), so a slow worker does not make the run overrun. Then the same count of Segment-format
+   batches (``POST /v1/batch``, as analytics-python sends them): ``sdk_batch_ratio`` = their events/s / the
+   native batches' (``sdk_batch_api_ratio``: the same at the API alone).
 4. lag: ``--lag-rate`` requests/s for ``--lag-s``; every ``--lag-sample``-th event is polled in
    ``events_by_id`` from the moment its 202 came back: p50/p99 of accepted -> readable.
 5. memory: peak RSS (VmHWM) of the API processes, each worker instance (main + pool), Cassandra.
@@ -71,6 +73,7 @@ T = TypeVar("T")
 TARGETS: dict[str, tuple[str, float]] = {
     "drain_ratio": (">=", 0.80),
     "batch_ratio": (">=", 0.75),
+    "sdk_batch_ratio": (">=", 0.80),
     "api_batch_events_per_s": (">=", 50_000),
     "single_rps": (">=", 1500),
     "single_max_rps": (">=", 4000),
@@ -112,7 +115,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--listings", type=int, default=10_000, help="listings per phase, Zipf popularity (10,000)")
     g.add_argument("--budget-s", type=float, default=330.0,
                    help="stop adding rate steps when the run would overrun this many seconds (330)")  # fmt: skip
-    g.add_argument("--skip", default="", help="phases to skip, comma-separated: single,ceiling,batch,drain,lag,replica")
+    g.add_argument("--skip", default="",
+                   help="phases to skip, comma-separated: single,ceiling,batch,sdk,drain,lag,replica")  # fmt: skip
     g.add_argument("--py-spy", action="store_true",
                    help="profile the API during the lag phase and the workers during the drain phase")  # fmt: skip
     g.add_argument("--py-spy-format", default="flamegraph", choices=["flamegraph", "raw", "speedscope"])
@@ -411,37 +415,43 @@ class Bench:
             out |= {"single_rps": 0.0, "single_p99_ms": None}
         return out
 
-    def batch(self, drain_rate: float | None) -> dict[str, Any]:
+    def batch(self, drain_rate: float | None, *, sdk: bool = False) -> dict[str, Any]:
+        """Closed-loop batches of 100, end to end. ``sdk``: Segment's wire format on ``POST /v1/batch``, built the
+        way analytics-python sends it (its message fields, Basic auth, a 200 per batch); the same count as the
+        native phase, so ``sdk_batch_ratio`` compares like with like."""
         a = self.args
         events = a.batch_events if not drain_rate else min(a.batch_events, max(10_000, drain_rate * a.batch_s))
         count = max(1, int(events) // 100)
-        say(f"phase 3/4 batches: {count} x POST /v1/events/batch of 100 events, {a.batch_connections} connections")
+        what = "POST /v1/batch (Segment's format, as analytics-python sends it)" if sdk else "POST /v1/events/batch"
+        phase = "sdk" if sdk else "3/4"
+        say(f"phase {phase} batches: {count} x {what} of 100 events, {a.batch_connections} connections")
         self.ensure_empty_queue()
         self.quiesce()
-        requests, records = self.factory.batches(count, 100)
+        requests, records = (self.factory.sdk_batches if sdk else self.factory.batches)(count, 100)
+        ok, prefix = (200, "sdk_batch") if sdk else (202, "batch")
         statuses = array("H", bytes(2 * count))
         self.meter.start()
         res = self.load(requests, rate=None, connections=a.batch_connections, max_seconds=60,
-                        on_response=_recorder(statuses, all_accepted=True))  # fmt: skip
+                        on_response=_recorder(statuses, all_accepted=True, ok=ok))  # fmt: skip
         api_s = res.finished - res.started
         drained_s = self.settle(180)
         usage = self.meter.stop()
-        accepted = [rec for status, recs in zip(statuses, records, strict=True) if status == 202 for rec in recs]
+        accepted = [rec for status, recs in zip(statuses, records, strict=True) if status == ok for rec in recs]
         end_to_end_s = api_s + (drained_s if drained_s is not None else math.nan)
         check = self.verify(accepted, drained_s is not None)
         out = {
-            "batch_events_per_s": round(len(accepted) / end_to_end_s, 1),
-            "batch_api_events_per_s": round(len(accepted) / api_s, 1),
-            "batch_requests": res.summary(),
-            "batch_events_accepted": len(accepted),
-            "batch_drained_after_api_s": None if drained_s is None else round(drained_s, 2),
-            "batch_exactly_once": check.as_json(5),
-            "batch_cpu": usage.as_json(),
-            "batch_cpu_ms_per_event": cpu_per_event(usage, len(accepted)),
+            f"{prefix}_events_per_s": round(len(accepted) / end_to_end_s, 1),
+            f"{prefix}_api_events_per_s": round(len(accepted) / api_s, 1),
+            f"{prefix}_requests": res.summary(),
+            f"{prefix}_events_accepted": len(accepted),
+            f"{prefix}_drained_after_api_s": None if drained_s is None else round(drained_s, 2),
+            f"{prefix}_exactly_once": check.as_json(5),
+            f"{prefix}_cpu": usage.as_json(),
+            f"{prefix}_cpu_ms_per_event": cpu_per_event(usage, len(accepted)),
         }
-        say(f"  {len(accepted):,} events accepted in {api_s:.1f} s ({out['batch_api_events_per_s']:,.0f}/s at the "
+        say(f"  {len(accepted):,} events accepted in {api_s:.1f} s ({out[f'{prefix}_api_events_per_s']:,.0f}/s at the "
             f"API, p99 {res.quantile_ms(0.99):.0f} ms/request), stored {drained_s or math.inf:.1f} s later: "
-            f"{out['batch_events_per_s']:,.0f} events/s end to end")  # fmt: skip
+            f"{out[f'{prefix}_events_per_s']:,.0f} events/s end to end")  # fmt: skip
         return out
 
     def drain(self) -> dict[str, Any]:
@@ -588,11 +598,11 @@ class Bench:
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _recorder(statuses: array[int], all_accepted: bool = False) -> OnResponse:
-    """Keep each request's status; with ``all_accepted``, a 202 that rejected any event counts as 299."""
+def _recorder(statuses: array[int], all_accepted: bool = False, ok: int = 202) -> OnResponse:
+    """Keep each request's status; with ``all_accepted``, an ``ok`` answer that rejected any event counts as 299."""
 
     def on_response(index: int, status: int, body: bytes, at: float) -> None:
-        if all_accepted and status == 202 and b'"rejected":0,' not in body:
+        if all_accepted and status == ok and b'"rejected":0,' not in body:
             status = 299
         statuses[index] = status
 
@@ -619,6 +629,8 @@ def print_table(summary: dict[str, Any]) -> None:
         ("batch_events_per_s", "batch endpoint, end to end (events/s)", ""),
         ("batch_ratio", "batch end to end / ceiling", ""),
         ("api_batch_events_per_s", "API alone, batches, workers paused (ev/s)", ""),
+        ("sdk_batch_events_per_s", "Segment-format batches, end to end (ev/s)", "POST /v1/batch of 100"),
+        ("sdk_batch_ratio", "Segment-format / native batches", f"at the API: {summary.get('sdk_batch_api_ratio')}"),
         ("single_rps", "single events, p99 bar, end to end (req/s)", f"p99 {summary.get('single_p99_ms')} ms"),
         ("single_max_rps", "single events, highest sustained (req/s)", "any latency"),
         ("single_p50_ms_at_100", "single events at 100/s, p50 (ms)", ""),
@@ -711,6 +723,14 @@ def main(argv: list[str] | None = None) -> int:
             summary |= bench.batch(summary.get("drain_events_per_s"))
             if summary.get("ceiling_events_per_s"):
                 summary["batch_ratio"] = round(summary["batch_events_per_s"] / summary["ceiling_events_per_s"], 3)
+        if "sdk" not in skip:
+            summary |= bench.batch(summary.get("drain_events_per_s"), sdk=True)
+            if summary.get("batch_events_per_s"):
+                # Against the native batches of this run: what the SDK format costs, end to end and at the API.
+                summary["sdk_batch_ratio"] = round(summary["sdk_batch_events_per_s"] / summary["batch_events_per_s"], 3)
+                summary["sdk_batch_api_ratio"] = round(
+                    summary["sdk_batch_api_events_per_s"] / summary["batch_api_events_per_s"], 3
+                )
         if "lag" not in skip:
             summary |= bench.lag()
         if "replica" not in skip:

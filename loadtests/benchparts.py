@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import math
 import queue
 import random
@@ -72,6 +74,41 @@ class EventFactory:
             requests.append(http_request("POST", "/v1/events/batch", self.host, self.port, self.api_key, body))
             records.append([rec for _, rec in pairs])
         return requests, records
+
+    def sdk_batches(self, count: int, size: int) -> tuple[list[bytes], list[list[Accepted]]]:
+        """``count`` POST /v1/batch of ``size`` Segment ``track`` messages each, as analytics-python 2.4 sends
+        them (its message fields and context, ``sentAt`` and ``writeKey`` in the body, Basic auth with the key
+        as user name, no gzip: its default); the records are the events Sluice should store."""
+        zipf = self._zipf()
+        now_ms = int(time.time() * 1000)
+        basic = "Basic " + base64.b64encode(f"{self.api_key}:".encode()).decode()
+        requests: list[bytes] = []
+        records: list[list[Accepted]] = []
+        for _ in range(count):
+            pairs = [self._event(zipf, now_ms - self.rng.randint(0, 2000)) for _ in range(size)]
+            sent_at = dt.datetime.now(dt.UTC).isoformat()
+            body = {"batch": [_segment_track(event) for event, _ in pairs], "sentAt": sent_at, "writeKey": self.api_key}
+            requests.append(http_request("POST", "/v1/batch", self.host, self.port, self.api_key, orjson.dumps(body),
+                                         authorization=basic))  # fmt: skip
+            records.append([rec for _, rec in pairs])
+        return requests, records
+
+
+_LIBRARY = {"library": {"name": "analytics-python", "version": "2.4.0"}}
+_SDK_NAMES = {"view": "Listing Viewed", "booking": "Booking Completed"}
+
+
+def _segment_track(event: dict[str, Any]) -> dict[str, Any]:
+    """A native event as analytics-python's ``track`` makes the message (a price as the float it turns a
+    Decimal into; the timestamp in UTC, milliseconds)."""
+    props = {k: v for k, v in event.items() if k not in ("event_id", "type", "user_id", "occurred_at")}
+    if "total_price" in props:
+        props["total_price"] = float(props["total_price"])
+    occurred = dt.datetime.fromisoformat(event["occurred_at"]).astimezone(dt.UTC)
+    return {"integrations": {}, "anonymousId": None, "properties": props,
+            "timestamp": occurred.isoformat(timespec="milliseconds"), "context": _LIBRARY,
+            "userId": str(event["user_id"]), "type": "track", "event": _SDK_NAMES[event["type"]],
+            "messageId": event["event_id"]}  # fmt: skip
 
 
 @dataclass

@@ -32,9 +32,11 @@ _CONTENT_LENGTH = re.compile(rb"\r\n[Cc]ontent-[Ll]ength:[ \t]*(\d+)")
 OnResponse = Callable[[int, int, bytes, float], None]
 
 
-def http_request(method: str, path: str, host: str, port: int, api_key: str, body: bytes = b"") -> bytes:
+def http_request(
+    method: str, path: str, host: str, port: int, api_key: str, body: bytes = b"", *, authorization: str | None = None
+) -> bytes:
     head = (
-        f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {api_key}\r\n"
+        f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: {authorization or 'Bearer ' + api_key}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body

@@ -11,6 +11,12 @@ A record holds anything: ``event`` is the event (or message) as JSON when it can
 otherwise its raw form, ``{"raw_message": text, "encoding": "utf-8" | "base64" | "repr", "bytes": n}`` (see
 :func:`raw_message`): a message that is not JSON at all, or an event JSON can carry but orjson cannot (an
 integer over 64 bits). So no content can make a dead-letter write fail, and no message loops on one.
+
+A message from an analytics SDK that the API could not map to an event (sluice/sdkmap.py) is a record of its
+own kind, :data:`SDK_KIND`, written by the API before it answers (:func:`add_sdk_rejections`): ``event`` is
+the SDK's message as sent, and ``sdk`` what its translation depends on besides (format, key id, the request's
+times). Its id is the event id the message would have, so an SDK's retry finds the record already there
+(written only if absent), and ``replay`` translates the message again, with the mapping of its own settings.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ from typing import Any, Final, cast
 
 import orjson
 import redis
+import redis.asyncio as aioredis
 
-from sluice import keys, message
+from sluice import keys, message, sdkmap
 from sluice.events import event_id_of, fingerprint, queued_form, validate_event
 from sluice.marks import Marks, mark_value
 from sluice.metrics import DEAD_LETTERS
@@ -80,6 +87,10 @@ def _encode(record: dict[str, Any]) -> bytes:
     return orjson.dumps({**record, "event": raw}, default=str)
 
 
+#: The kind of an SDK message the API could not map to an event.
+SDK_KIND: Final = "sdk_unmapped"
+
+
 @dataclass(frozen=True, slots=True)
 class Item:
     """One thing to dead-letter: the raw event (or message) and why."""
@@ -122,6 +133,31 @@ def add(
     return len(mapping)
 
 
+@dataclass(frozen=True, slots=True)
+class SdkRejection:
+    """An SDK message the API rejected: kept under the event id it would have."""
+
+    event_id: str
+    message: Any
+    reason: str
+    request: sdkmap.Request
+
+
+async def add_sdk_rejections(client: aioredis.Redis, rejections: Sequence[SdkRejection]) -> int:
+    """Keep the rejected SDK messages (a record each, written only where none is: a retry changes nothing, and
+    an event's own dead letter is never overwritten); how many are new. Raises :class:`redis.RedisError`
+    if Redis refused: then the API must not answer 200."""
+    now = dt.datetime.now(dt.UTC).isoformat()
+    async with client.pipeline(transaction=True) as pipe:
+        for item in rejections:
+            record = {"event": item.message, "reason": item.reason, "kind": SDK_KIND, "task_id": None,
+                      "attempts": 0, "failed_at": now, "accepted_at": None, "sdk": item.request.as_json()}  # fmt: skip
+            pipe.hsetnx(keys.DEAD_LETTERS, item.event_id, orjson.dumps(record, default=str).decode())
+        written = sum(int(n) for n in await pipe.execute())
+    DEAD_LETTERS.labels(SDK_KIND).inc(written)
+    return written
+
+
 def entries(client: redis.Redis) -> Iterator[tuple[str, dict[str, Any]]]:
     """Every record, a page at a time (``HSCAN``: never one reply the size of the whole store)."""
     for key, value in client.hscan_iter(keys.DEAD_LETTERS, count=500):
@@ -138,8 +174,10 @@ def get(client: redis.Redis, entry_id: str) -> dict[str, Any] | None:
     return None if raw is None else cast("dict[str, Any]", orjson.loads(raw))
 
 
-def _replayable(record: dict[str, Any]) -> dict[str, Any] | str:
+def _replayable(record: dict[str, Any], entry_id: str | None = None) -> dict[str, Any] | str:
     """The event of a record in its queued form, or why it cannot be replayed."""
+    if record.get("kind") == SDK_KIND:
+        return _sdk_replayable(record, entry_id)
     event = record.get("event")
     if not isinstance(event, dict) or "raw_message" in event or "message_body" in event or "args" in event:
         return "a raw message, not an event: inspect it with `show`"
@@ -147,6 +185,23 @@ def _replayable(record: dict[str, Any]) -> dict[str, Any] | str:
     if isinstance(outcome, list):
         return "not a valid event: " + "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in outcome)
     return queued_form(outcome)
+
+
+def _sdk_replayable(record: dict[str, Any], entry_id: str | None) -> dict[str, Any] | str:
+    """An SDK message translated again, with this process's mapping (SLUICE_SDK_EVENTS)."""
+    try:
+        request = sdkmap.Request.from_json(record["sdk"])
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"an SDK record without its request ({exc!r})"
+    outcome = sdkmap.translate(record.get("event"), request, sdkmap.current())
+    if outcome.status == "counted":
+        return "an SDK call Sluice counts but does not store"
+    if outcome.event is None:
+        why = "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in outcome.errors)
+        return f"still not an event: {why}"
+    if entry_id is not None and outcome.event_id != entry_id:
+        return f"the message translates to event {outcome.event_id}, not {entry_id}"
+    return queued_form(outcome.event)
 
 
 _REPLAY_REFUSED: Final = {
@@ -170,7 +225,7 @@ def replay(client: redis.Redis, entry_ids: Iterable[str]) -> tuple[list[str], di
             skipped[entry_id] = "no such dead letter"
             continue
         record = orjson.loads(raw)
-        event = _replayable(record)
+        event = _replayable(record, entry_id)
         if isinstance(event, str):
             skipped[entry_id] = event
             continue
@@ -191,7 +246,7 @@ def purge(client: redis.Redis, entry_ids: Iterable[str]) -> int:
     removed = 0
     for entry_id in entry_ids:
         record = get(client, entry_id)
-        event = _replayable(record) if record is not None else "gone"
+        event = _replayable(record, entry_id) if record is not None else "gone"
         fp = fingerprint(event) if isinstance(event, dict) else ""
         removed += int(
             cast("int", script(keys=(keys.DEAD_LETTERS, keys.QUEUED, keys.QUEUED_INDEX), args=[entry_id, fp]))

@@ -11,6 +11,11 @@ A declaration names the type, its own fields and the key ``/stats`` counts it un
   new version of it, and is returned by the read API exactly as it was queued);
 - ``json_type``: the JSON type of the value in the read API's responses (its OpenAPI schema).
 
+Each type also declares how analytics SDKs send it (Segment, RudderStack, PostHog; sluice/sdkmap.py reads it):
+the event names it is sent as (``sent_as``), and, per field, where in the SDK's message its value is
+(``EventField.source``, by default ``properties.<name>``; the fields every event has come from
+:data:`SDK_COMMON_SOURCES`). Operators add names, and other sources, without code: ``SLUICE_SDK_EVENTS``.
+
 From the registry come: the pydantic models and their discriminated union (sluice/events.py), the type
 columns of both tables and the read-back (sluice/cassandra.py), the worker's row binding (worker/writer.py),
 the ``/stats`` counters (api/routes/listings.py), the metric labels (sluice/metrics.py) and the Grafana
@@ -24,6 +29,7 @@ declared per type: they are the tables' key and the model's base (sluice/events.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -70,6 +76,9 @@ class Kind:
     load: Callable[[Any], Any]
     dump: Callable[[Any], Any]
     json_type: type
+    #: An SDK's JSON value -> this kind's input, for values an SDK sends in another JSON type than ours (a
+    #: price as a number); the validation that follows is the API's own. None: taken as sent.
+    from_sdk: Callable[[Any], Any] | None = None
 
 
 def _load_int(value: Any) -> int:
@@ -86,6 +95,18 @@ def _load_str(value: Any) -> str:
 
 def _load_decimal(value: Any) -> Decimal:
     return Decimal(_load_str(value))  # InvalidOperation is a ValueError
+
+
+def _price_from_number(value: Any) -> Any:
+    """A JSON number as the decimal it prints as: ``449.7`` -> ``"449.7"``, never the binary float's
+    ``449.69999999999998863...`` (Segment's SDK turns a ``Decimal`` into a float, so this is how prices arrive).
+    ``repr`` of a float is the shortest string that reads back as the same float; ``f`` formatting keeps the
+    exponent forms (``1e-05``) plain, so the pattern judges them like any other literal."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value  # strings (and anything else) are validated as sent
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    return format(Decimal(repr(value)), "f")
 
 
 def _dump_day(value: Any) -> str:
@@ -135,6 +156,7 @@ PRICE: Final = Kind(
     load=_load_decimal,
     dump=str,
     json_type=str,
+    from_sdk=_price_from_number,
 )
 #: An ISO 4217 code.
 CURRENCY: Final = Kind(
@@ -156,6 +178,13 @@ class EventField:
     #: An optional field may be absent or null in the request; it is queued as null, and left *unset* in
     #: Cassandra (never written as a null, which would be a tombstone).
     required: bool = True
+    #: Where an SDK message (Segment's, PostHog's) holds this field, as a dotted path; None means
+    #: ``properties.<name>``.
+    source: str | None = None
+
+    @property
+    def sdk_source(self) -> str:
+        return self.source or f"properties.{self.name}"
 
 
 @dataclass(frozen=True)
@@ -171,6 +200,9 @@ class EventType:
     fields: tuple[EventField, ...] = ()
     #: A rule across fields, run on an event whose fields are each valid: the error message, or None.
     check: Callable[[Any], str | None] | None = None
+    #: The event names analytics SDKs send this type as (Segment's ``track`` event or ``page`` name,
+    #: PostHog's ``event``); SLUICE_SDK_EVENTS adds more.
+    sent_as: tuple[str, ...] = ()
 
     @property
     def field_names(self) -> tuple[str, ...]:
@@ -181,7 +213,9 @@ def _stay_is_forward(event: Any) -> str | None:
     return "check_out must be after check_in" if event.check_out <= event.check_in else None
 
 
-VIEW: Final = EventType(name="view", model_name="ViewEvent", doc="A user viewed a listing.", stats_key="views")
+VIEW: Final = EventType(
+    name="view", model_name="ViewEvent", doc="A user viewed a listing.", stats_key="views", sent_as=("Listing Viewed",)
+)
 
 BOOKING: Final = EventType(
     name="booking",
@@ -196,6 +230,7 @@ BOOKING: Final = EventType(
         EventField("currency", CURRENCY, "ISO 4217 code, three capital letters."),
     ),
     check=_stay_is_forward,
+    sent_as=("Booking Completed",),
 )
 
 SEARCH: Final = EventType(
@@ -207,6 +242,8 @@ SEARCH: Final = EventType(
         EventField("query", text(min_length=1, max_length=256), "The search text as the user typed it."),
         EventField("result_count", integer(ge=0, le=MAX_INT), "How many listings the search found."),
     ),
+    # Segment's e-commerce spec names a search "Products Searched" (with a ``query`` property).
+    sent_as=("Listings Searched", "Products Searched"),
 )
 
 #: Every event type, in the order of their columns in both tables (and of their schemas and counters).
@@ -214,6 +251,23 @@ REGISTRY: Final[tuple[EventType, ...]] = (VIEW, BOOKING, SEARCH)
 
 #: The fields every event has; a type may not declare them again.
 COMMON_FIELDS: Final = ("event_id", "type", "listing_id", "user_id", "occurred_at")
+#: Where the fields every event has come from in each SDK wire format (dotted paths into one message).
+#: ``segment`` is also RudderStack's format; ``occurred_at`` falls back to Segment's clock-skew rule
+#: (sluice/sdkmap.py) when a message has no ``timestamp``.
+SDK_COMMON_SOURCES: Final[dict[str, dict[str, str]]] = {
+    "segment": {
+        "event_id": "messageId",
+        "user_id": "userId",
+        "listing_id": "properties.listing_id",
+        "occurred_at": "timestamp",
+    },
+    "posthog": {
+        "event_id": "uuid",
+        "user_id": "distinct_id",
+        "listing_id": "properties.listing_id",
+        "occurred_at": "timestamp",
+    },
+}
 #: Columns of the tables that are not event fields.
 RESERVED_COLUMNS: Final = ("day", "accepted_at")
 
@@ -223,9 +277,15 @@ def _check_registry(types: tuple[EventType, ...]) -> dict[str, EventType]:
     by_name: dict[str, EventType] = {}
     owner: dict[str, str] = {}
     stats_keys: set[str] = set()
+    sent_as: dict[str, str] = {}
     for kind in types:
         if kind.name in by_name:
             raise ValueError(f"event type {kind.name!r} is declared twice")
+        for sdk_name in kind.sent_as:
+            # One name, one type: an SDK event must never be stored as whichever type happens to come first.
+            if sdk_name in sent_as:
+                raise ValueError(f"SDK event name {sdk_name!r} is sent as both {sent_as[sdk_name]!r} and {kind.name!r}")
+            sent_as[sdk_name] = kind.name
         if kind.stats_key in stats_keys or kind.stats_key in ("day", "listing_id", "days"):
             raise ValueError(f"event type {kind.name!r}: stats key {kind.stats_key!r} is taken")
         by_name[kind.name] = kind

@@ -37,6 +37,17 @@ WRITE_DURATION = Histogram(
 )
 TASK_RETRIES = Counter("sluice_task_retries_total", "Tasks retried after a failed Cassandra write")
 DEAD_LETTERS = Counter("sluice_dead_letters_total", "Events or messages sent to the dead-letter store", ["reason"])
+SDK_MESSAGES = Counter(
+    "sluice_sdk_messages_total",
+    "Messages on the analytics-SDK routes, by API key id, wire format, SDK call and verdict "
+    "(accepted: queued as an event; counted: identify/group/alias, not stored; rejected: a dead letter)",
+    ["key", "format", "call", "outcome"],
+)
+SDK_REJECTED = Counter(
+    "sluice_sdk_rejected_total",
+    "SDK messages rejected (kept as dead letters of kind sdk_unmapped), by API key id, event name and reason",
+    ["key", "name", "reason"],
+)
 EVENT_LAG = Histogram(
     "sluice_event_lag_seconds", "From the API's acceptance (202) to the event being stored", buckets=_LAG_BUCKETS
 )
@@ -76,5 +87,21 @@ for _reason in (
     "unknown_task",
     "invalid_message",
     "unknown_format",
+    "sdk_unmapped",
 ):
     DEAD_LETTERS.labels(_reason)
+
+#: Distinct event names one process labels SDK rejections with; later names count as "(other)", so that a
+#: client sending random names cannot grow /metrics without bound.
+SDK_NAME_LABELS_MAX = 200
+_sdk_names: set[str] = set()
+
+
+def sdk_name_label(name: str) -> str:
+    label = name[:64]
+    if label in _sdk_names:
+        return label
+    if len(_sdk_names) >= SDK_NAME_LABELS_MAX:
+        return "(other)"
+    _sdk_names.add(label)
+    return label

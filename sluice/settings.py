@@ -4,7 +4,7 @@ Read once per process through :func:`get_settings`; the README lists each variab
 """
 
 from functools import lru_cache
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -107,6 +107,16 @@ class Settings(BaseSettings):
     http_max_connections: int = Field(default=1000, ge=1)
     #: How far in the future ``occurred_at`` may lie (clock skew between clients and us), in seconds.
     max_clock_skew_s: int = Field(default=300, ge=0)
+
+    # --- Analytics SDKs (Segment / RudderStack / PostHog wire formats: api/routes/sdk.py) ----------
+    #: More SDK event names, JSON: ``{"Product Viewed": "view"}``, or with other field sources,
+    #: ``{"Order Completed": {"type": "booking", "fields": {"total_price": "properties.revenue"}}}``. Added to
+    #: the names the registry declares (sluice/eventtypes.py); checked at start-up (sluice/sdkmap.py).
+    sdk_events: dict[str, str | dict[str, Any]] = {}
+    #: Largest SDK request body, compressed and inflated: PostHog's batches reach 5 MiB plus one event.
+    sdk_max_body_bytes: int = Field(default=6_291_456, ge=1024)
+    #: Most messages in one SDK batch: above Segment's 2,500, and what 6 MiB of small PostHog events hold.
+    sdk_max_batch_events: int = Field(default=20_000, ge=1, le=50_000)
 
     # --- Worker ------------------------------------------------------------------------------
     #: Worker processes per ``sluice worker`` (Celery prefork pool).

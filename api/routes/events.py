@@ -140,13 +140,15 @@ def _count_rejected(raw: Any) -> None:
     REJECTED_BY_TYPE[kind if kind in TYPE_NAMES else "unknown"].inc()
 
 
-def _conflict_error(loc: list[str | int], event_id: str) -> dict[str, Any]:
+def conflict_error(loc: list[str | int], event_id: str) -> dict[str, Any]:
     return {"loc": loc, "type": "conflict",
             "msg": f"event {event_id} is already queued with other content; the first version wins"}  # fmt: skip
 
 
-async def _queue(publisher: PublisherDep, events: list[EventBase]) -> list[str]:
-    """Queue the events with their marks; one status per event (NEW, DUPLICATE or CONFLICT)."""
+async def queue_events(publisher: PublisherDep, events: list[EventBase]) -> list[str]:
+    """Queue the events with their marks; one status per event (NEW, DUPLICATE or CONFLICT). The one publish
+    path of every ingest route (native and SDK): 503 or 504 as an :class:`ApiError` when nothing, or maybe
+    nothing, was queued."""
     queued = [queued_form(event) for event in events]
     fingerprints = [fingerprint(item) for item in queued]
     try:
@@ -186,10 +188,10 @@ async def post_event(request: Request, settings: SettingsDep, publisher: Publish
         _count_rejected(raw)
         raise ApiError(422, "invalid_event", "the event is invalid", [e.model_dump() for e in event])
     event_id = str(event.event_id)
-    [status] = await _queue(publisher, [event])
+    [status] = await queue_events(publisher, [event])
     if status == CONFLICT:
         raise ApiError(409, "conflict", f"event {event_id} is already queued with other content; the first "
-                       "version wins and nothing was queued", [_conflict_error(["event_id"], event_id)])  # fmt: skip
+                       "version wins and nothing was queued", [conflict_error(["event_id"], event_id)])  # fmt: skip
     return JSONResponse(
         {
             "accepted": 1,
@@ -248,11 +250,11 @@ async def post_batch(request: Request, settings: SettingsDep, publisher: Publish
             results.append({"index": index, "event_id": str(outcome.event_id), "status": "accepted", "errors": []})
     if not valid:
         raise ApiError(422, "invalid_events", "no event in the batch is valid", all_errors)
-    statuses = iter(await _queue(publisher, valid))
+    statuses = iter(await queue_events(publisher, valid))
     conflicts: list[dict[str, Any]] = []
     for result in results:
         if result["status"] == "accepted" and next(statuses) == CONFLICT:
-            error = _conflict_error(["events", result["index"], "event_id"], result["event_id"])
+            error = conflict_error(["events", result["index"], "event_id"], result["event_id"])
             result.update(status="rejected", errors=[error])
             conflicts.append(error)
     accepted = sum(1 for result in results if result["status"] == "accepted")

@@ -173,12 +173,14 @@ def test_services(templates: dict[str, Any]) -> None:
     services = templates["services"]["Resources"]
     group = services["ApiTargetGroup"]["Properties"]
     assert group["HealthCheckPath"] == "/healthz"
-    # Only /v1/* and /healthz reach the API; the listener answers 404 for the rest.
+    # Only /v1/*, PostHog's /batch/ and /healthz reach the API; the listener answers 404 for the rest.
     listener = services["HttpsListener"]["Properties"]
     assert listener["DefaultActions"][0]["Type"] == "fixed-response"
     assert listener["DefaultActions"][0]["FixedResponseConfig"]["StatusCode"] == "404"
     rule = services["PublicRoutes"]["Properties"]
-    assert rule["Conditions"] == [{"Field": "path-pattern", "PathPatternConfig": {"Values": ["/v1/*", "/healthz"]}}]
+    assert rule["Conditions"] == [
+        {"Field": "path-pattern", "PathPatternConfig": {"Values": ["/v1/*", "/batch", "/batch/", "/healthz"]}}
+    ]
     assert {"Key": "deregistration_delay.timeout_seconds", "Value": "30"} in group["TargetGroupAttributes"]
     # The API waits for the replicas the data stack's primary requires, and the value cannot be 0 (a Number
     # parameter with MinValue 1, fed from the data stack's output by the deploy tool).
