@@ -14,6 +14,7 @@ from pathlib import Path
 
 import redis
 
+from sluice import keys
 from sluice.settings import Settings
 from tests.support import TEST_KEY, Service
 
@@ -115,3 +116,16 @@ def test_the_readme_gzip_example_posts_a_real_batch(
             break
         time.sleep(1.1)
     assert (answer.get("accepted"), answer.get("rejected")) == (1000, 0), out.stdout[:500]
+
+
+def test_the_readme_sdk_snippets_send_through_the_real_sdks(isolated_api: Service, isolated_queue: redis.Redis) -> None:
+    example = code_block("## Send from the SDK you already use", "python")
+    key_line = 'Path(".data/dev/api-key").read_text().strip()'
+    assert key_line in example
+    assert '"http://127.0.0.1:8000"' in example
+    program = example.replace(key_line, repr(TEST_KEY)).replace('"http://127.0.0.1:8000"', repr(isolated_api.base_url))
+    out = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "error" not in out.stderr.lower(), out.stderr[-3000:]
+    # One event from each SDK, each its own batch: three messages on the queue.
+    assert isolated_queue.llen(keys.EVENTS_QUEUE) == 3

@@ -167,7 +167,8 @@ def test_services(templates: dict[str, Any]) -> None:
     assert listener["DefaultActions"][0]["Type"] == "fixed-response"
     assert listener["DefaultActions"][0]["FixedResponseConfig"]["StatusCode"] == "404"
     rule = services["PublicRoutes"]["Properties"]
-    assert rule["Conditions"] == [{"Field": "path-pattern", "PathPatternConfig": {"Values": ["/v1/*", "/batch", "/batch/", "/healthz"]}}]
+    public = ["/v1/*", "/batch", "/batch/", "/healthz"]
+    assert rule["Conditions"] == [{"Field": "path-pattern", "PathPatternConfig": {"Values": public}}]
     assert {"Key": "deregistration_delay.timeout_seconds", "Value": "30"} in group["TargetGroupAttributes"]
     api = services["ApiService"]["Properties"]
     assert api["DeploymentConfiguration"]["DeploymentCircuitBreaker"] == {"Enable": True, "Rollback": True}
