@@ -173,8 +173,11 @@ def test_openapi_describes_the_contract(client: httpx.Client) -> None:
     assert {"202", "400", "409", "413", "415", "422", "503", "504"} <= set(post["responses"])
     # Named operations, for generated clients (postEvent, not post_event_v1_events_post).
     operations = {op["operationId"] for path in doc["paths"].values() for op in path.values()}
+    sdk = {
+        f"postSegment{call}" for call in ("Batch", "Import", "Track", "Page", "Screen", "Identify", "Group", "Alias")
+    }
     assert operations == {"postEvent", "postEventBatch", "getEvent", "listListingEvents", "getListingStats",
-                          "getHealth", "getReadiness", "getMetrics"}  # fmt: skip
+                          "getHealth", "getReadiness", "getMetrics", "postPosthogBatch", *sdk}  # fmt: skip
     booking_schema = doc["components"]["schemas"]["BookingEvent"]
     assert booking_schema["additionalProperties"] is False
     assert "guests" in booking_schema["required"]

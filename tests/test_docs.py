@@ -14,6 +14,7 @@ from pathlib import Path
 
 import redis
 
+from sluice import keys
 from sluice.settings import Settings
 from tests.support import TEST_KEY, Service
 
@@ -87,16 +88,22 @@ def code_block(after: str, language: str) -> str:
     return README[start : README.index("```", start)]
 
 
-def test_the_readme_client_example_sends_ten_thousand_events(
-    isolated_api: Service, isolated_queue: redis.Redis
-) -> None:
-    example = code_block("## Send events", "python")
+def run_python_example(section: str, api: Service) -> subprocess.CompletedProcess[str]:
+    """The section's first Python example, run as written but with the test API and key; it must exit 0."""
+    example = code_block(section, "python")
     key_line = 'Path(".data/dev/api-key").read_text().strip()'
     assert key_line in example
     assert '"http://127.0.0.1:8000"' in example
-    program = example.replace(key_line, repr(TEST_KEY)).replace('"http://127.0.0.1:8000"', repr(isolated_api.base_url))
+    program = example.replace(key_line, repr(TEST_KEY)).replace('"http://127.0.0.1:8000"', repr(api.base_url))
     out = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_the_readme_client_example_sends_ten_thousand_events(
+    isolated_api: Service, isolated_queue: redis.Redis
+) -> None:
+    out = run_python_example("## Send events", isolated_api)
     assert out.stdout.strip() == "10000 accepted, 0 rejected"
 
 
@@ -115,3 +122,10 @@ def test_the_readme_gzip_example_posts_a_real_batch(
             break
         time.sleep(1.1)
     assert (answer.get("accepted"), answer.get("rejected")) == (1000, 0), out.stdout[:500]
+
+
+def test_the_readme_sdk_snippets_send_through_the_real_sdks(isolated_api: Service, isolated_queue: redis.Redis) -> None:
+    out = run_python_example("## Send from the SDK you already use", isolated_api)
+    assert "error" not in out.stderr.lower(), out.stderr[-3000:]
+    # One event from each SDK, each its own batch: three messages on the queue.
+    assert isolated_queue.llen(keys.EVENTS_QUEUE) == 3

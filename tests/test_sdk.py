@@ -168,7 +168,8 @@ def test_an_unknown_name_is_kept_and_replayed_once_it_is_mapped(
     api: Service, worker: Service, client: httpx.Client, cassandra: Session, profile: Profile, db: redis.Redis
 ) -> None:
     name = f"Listing Shared {uuid.uuid4().hex[:8]}"
-    call = Call("track", "77", name, {"listing_id": 4242}, rejected="unknown_name")
+    listing = random.randrange(10**6, 10**9)
+    call = Call("track", "77", name, {"listing_id": listing}, rejected="unknown_name")
     body = {"batch": [{"type": "track", "event": name, "userId": "77", "properties": call.properties,
                        "messageId": call.message_id, "timestamp": call.timestamp.isoformat()}]}  # fmt: skip
     answer = httpx.post(f"{api.base_url}/v1/batch", content=gzip.compress(orjson.dumps(body)), auth=(TEST_KEY, ""),
@@ -189,7 +190,7 @@ def test_an_unknown_name_is_kept_and_replayed_once_it_is_mapped(
     mapping = orjson.dumps({name: "view"}).decode()
     replayed = dlq(profile, "replay", call.event_id("segment"), SLUICE_SDK_EVENTS=mapping)
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
-    call.stored = ("view", {"listing_id": 4242})
+    call.stored = ("view", {"listing_id": listing})
     check_stored(client, cassandra, "segment", [call])
     assert db.hget(b"sluice:dead", call.event_id("segment")) is None
 

@@ -43,6 +43,18 @@ log = logging.getLogger("sluice.worker")
 KIND = "malformed_message"
 
 
+class QueueKeyNotAList(RuntimeError):
+    """A queue key holds another type: not a Redis error Celery should retry, so the worker stops (exit 1)."""
+
+
+def _wrong_type(exc: redis.ResponseError) -> None:
+    """Redis error replies are retried like a lost connection (broker_channel_error_retry, so that a primary
+    refusing writes without its replica only pauses the worker), but a queue key that is not a list is an
+    operator's slip no retry can fix: raise what stops the worker, which says so with its exit code."""
+    if "WRONGTYPE" in str(exc):
+        raise QueueKeyNotAList(f"a queue key is not a Redis list: {exc}") from exc
+
+
 class PoisonMessage(Exception):
     """A message kombu cannot deliver; the text says why."""
 
@@ -111,6 +123,9 @@ class Channel(kombu_redis.Channel):
                 # if there's a ConnectionError, disconnect so the next iteration will reconnect automatically.
                 self.client.connection.disconnect()
                 raise
+            except redis.ResponseError as exc:
+                _wrong_type(exc)
+                raise
             if dest__item:
                 dest, item = dest__item
                 dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
@@ -129,6 +144,14 @@ class Channel(kombu_redis.Channel):
             raise Empty()
         finally:
             self._in_poll = None
+
+    def _size(self, queue: str) -> int:
+        # Where a worker first touches the queue key (declaring the queue): see _wrong_type.
+        try:
+            return int(super()._size(queue))
+        except redis.ResponseError as exc:
+            _wrong_type(exc)
+            raise
 
     def _parse(self, queue: str, item: bytes) -> Any:
         """The parsed envelope, or None when the raw bytes went to the dead-letter store."""

@@ -81,7 +81,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def _batch_error(message: str) -> ApiError:
+def _invalid_batch(message: str) -> ApiError:
     return ApiError(400, "invalid_batch", message)
 
 
@@ -94,12 +94,12 @@ async def _ingest(
     settings = resources.settings
     body = await read_json(request, settings.sdk_max_body_bytes)
     if not isinstance(body, dict):
-        raise _batch_error("the body must be a JSON object")
+        raise _invalid_batch("the body must be a JSON object")
     key_id = authorize_sdk(request, header_key, body.get("writeKey" if fmt == "segment" else "api_key"))
     if call is None:
         messages = body.get("batch")
         if not isinstance(messages, list):
-            raise _batch_error('the body must be {"batch": [message, ...]}')
+            raise _invalid_batch('the body must be {"batch": [message, ...]}')
         prefix: tuple[str | int, ...] = ("batch",)
     else:
         messages = [body | {"type": call}]  # the route names the call, as Segment's own API does
@@ -181,21 +181,23 @@ def _stored_type(outcome: sdkmap.Outcome) -> str | None:
 _OBJECT = {"type": "object"}
 
 
-def _route(path: str, fmt: sdkmap.Format, call: str | None, summary: str, *, in_schema: bool = True) -> None:
+def _route(
+    path: str, operation_id: str, fmt: sdkmap.Format, call: str | None, summary: str, *, in_schema: bool = True
+) -> None:
     async def endpoint(request: Request, resources: ResourcesDep, publisher: PublisherDep) -> JSONResponse:
         return await _ingest(request, resources, publisher, fmt, call)
 
     router.add_api_route(
         path, endpoint, methods=["POST"], status_code=200, response_model=SdkResponse, responses=_ERRORS,
         summary=summary, include_in_schema=in_schema,
-        operation_id=f"sdk_{fmt}_{path.strip('/').replace('/', '_')}{'' if in_schema else '_alias'}",
+        operation_id=operation_id,
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _OBJECT}}}},
     )  # fmt: skip
 
 
-_route("/v1/batch", "segment", None, "Segment / RudderStack batch: each message gets its verdict")
-_route("/v1/import", "segment", None, "Segment's import (older mobile SDKs): the same as /v1/batch")
+_route("/v1/batch", "postSegmentBatch", "segment", None, "Segment / RudderStack batch: each message gets its verdict")
+_route("/v1/import", "postSegmentImport", "segment", None, "Segment's import (older mobile SDKs): as /v1/batch")
 for _call in (*sdkmap.NAMED_CALLS, *sorted(sdkmap.COUNTED_CALLS)):
-    _route(f"/v1/{_call}", "segment", _call, f"One Segment / RudderStack {_call} message")
-_route("/batch/", "posthog", None, "PostHog batch (api_key in the body)")
-_route("/batch", "posthog", None, "PostHog batch, without the trailing slash", in_schema=False)
+    _route(f"/v1/{_call}", f"postSegment{_call.title()}", "segment", _call, f"One Segment / RudderStack {_call}")
+_route("/batch/", "postPosthogBatch", "posthog", None, "PostHog batch (api_key in the body)")
+_route("/batch", "postPosthogBatchNoSlash", "posthog", None, "PostHog batch, no trailing slash", in_schema=False)
