@@ -120,7 +120,18 @@ def test_data(templates: dict[str, Any]) -> None:
     assert redis["TransitEncryptionEnabled"]
     assert redis["AtRestEncryptionEnabled"]
     assert "resolve:secretsmanager" in json.dumps(redis["AuthToken"])
-    assert data["RedisParameters"]["Properties"]["Properties"]["maxmemory-policy"] == "noeviction"
+    parameters = data["RedisParameters"]["Properties"]["Properties"]
+    assert parameters["maxmemory-policy"] == "noeviction"
+    # A 202 is on two nodes: the primary refuses writes without a replica in reach, and the API waits (WAIT) for
+    # as many replicas as the primary requires, a number the data stack hands to the services stack.
+    assert int(parameters["min-slaves-to-write"]) >= 1
+    assert int(parameters["min-slaves-max-lag"]) <= 10
+    assert templates["data"]["Outputs"]["RedisMinReplicas"]["Value"] == parameters["min-slaves-to-write"]
+    node_count = templates["data"]["Parameters"]["RedisNodeCount"]
+    # Every replica-count the stack allows leaves a replica to confirm writes after one node is lost.
+    assert node_count["Default"] == 3
+    assert min(node_count["AllowedValues"]) > int(parameters["min-slaves-to-write"])
+    assert redis["NumCacheClusters"] == {"Ref": "RedisNodeCount"}
     task = data["CassandraTaskDefinition"]["Properties"]
     assert task["NetworkMode"] == "host"
     assert {"Name": "data", "Host": {"SourcePath": "/data/cassandra"}} in task["Volumes"]
@@ -167,9 +178,24 @@ def test_services(templates: dict[str, Any]) -> None:
     assert listener["DefaultActions"][0]["Type"] == "fixed-response"
     assert listener["DefaultActions"][0]["FixedResponseConfig"]["StatusCode"] == "404"
     rule = services["PublicRoutes"]["Properties"]
-    public = ["/v1/*", "/batch", "/batch/", "/healthz"]
-    assert rule["Conditions"] == [{"Field": "path-pattern", "PathPatternConfig": {"Values": public}}]
+    assert rule["Conditions"] == [
+        {"Field": "path-pattern", "PathPatternConfig": {"Values": ["/v1/*", "/batch", "/batch/", "/healthz"]}}
+    ]
     assert {"Key": "deregistration_delay.timeout_seconds", "Value": "30"} in group["TargetGroupAttributes"]
+    # The API waits for the replicas the data stack's primary requires, and the value cannot be 0 (a Number
+    # parameter with MinValue 1, fed from the data stack's output by the deploy tool).
+    api_env = {e["Name"]: e.get("Value") for e in services["ApiTaskDefinition"]["Properties"]["ContainerDefinitions"][
+        0]["Environment"]}  # fmt: skip
+    assert api_env["SLUICE_REDIS_MIN_REPLICAS"] == {"Ref": "RedisMinReplicas"}
+    assert api_env["SLUICE_REDIS_REPLICA_TIMEOUT_MS"] == {"Ref": "RedisReplicaTimeoutMs"}
+    min_replicas = templates["services"]["Parameters"]["RedisMinReplicas"]
+    assert min_replicas["Type"] == "Number"
+    assert min_replicas["MinValue"] >= 1
+    assert min_replicas["Default"] >= 1
+    from infra.deploy import DeployConfig, Output, stack_parameters
+
+    wired = stack_parameters(DeployConfig(region="us-east-1"), "services")["RedisMinReplicas"]
+    assert wired == Output("data", "RedisMinReplicas")
     api = services["ApiService"]["Properties"]
     assert api["DeploymentConfiguration"]["DeploymentCircuitBreaker"] == {"Enable": True, "Rollback": True}
     assert {"Type": "spread", "Field": "attribute:ecs.availability-zone"} in api["PlacementStrategies"]
@@ -179,14 +205,11 @@ def test_services(templates: dict[str, Any]) -> None:
     }
     assert any("ALBRequestCountPerTarget" in k for k in kinds)
     assert any("CPUUtilization" in k for k in kinds)
-    # The worker: a warm shutdown outlasts a task's time limit; one per instance; the publisher beside it.
+    # The worker: a warm shutdown outlasts a task's time limit; the publisher beside it (and one worker per
+    # instance: test_a_worker_on_every_app_instance).
     worker = services["WorkerTaskDefinition"]["Properties"]["ContainerDefinitions"][0]
     limit = next(e["Value"] for e in worker["Environment"] if e["Name"] == "SLUICE_TASK_TIME_LIMIT_S")
     assert worker["StopTimeout"] > int(limit)
-    assert not any(
-        r["Properties"].get("SchedulingStrategy") == "DAEMON"
-        for r in resources(templates["services"], "AWS::ECS::Service").values()
-    )
     publisher = services["QueueMetricsTaskDefinition"]["Properties"]["ContainerDefinitions"]
     assert [c["Command"] for c in publisher] == [["sluice", "cloudwatch"]]
     assert worker["Command"] == ["sluice", "worker"]
@@ -204,6 +227,58 @@ def test_services(templates: dict[str, Any]) -> None:
     assert policy["Action"] == "cloudwatch:PutMetricData"
     assert policy["Condition"] == {"StringEquals": {"cloudwatch:namespace": {"Ref": "MetricsNamespace"}}}
     json.loads(re.sub(r"\$\{[^}]+\}", "x", services["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"][0]))
+
+
+def test_a_worker_on_every_app_instance(templates: dict[str, Any]) -> None:
+    """The design's floor, "a celery worker process on each instance": a DAEMON service runs the worker's
+    container on every app instance, beside the scaled worker service (which alone may leave an instance
+    without one). cfn-lint accepts a DAEMON with a capacity provider or placement strategy, which ECS refuses."""
+    services = templates["services"]["Resources"]
+
+    def containers(service: dict[str, Any]) -> list[dict[str, Any]]:
+        task = services[service["Properties"]["TaskDefinition"]["Ref"]]["Properties"]
+        return task["ContainerDefinitions"]  # type: ignore[no-any-return]
+
+    ecs_services = resources(templates["services"], "AWS::ECS::Service")
+    daemons = {
+        name: r
+        for name, r in ecs_services.items()
+        if r["Properties"].get("SchedulingStrategy") == "DAEMON"
+        and [c["Command"] for c in containers(r)] == [["sluice", "worker"]]
+    }
+    assert len(daemons) == 1, f"no DAEMON service runs the worker: {sorted(ecs_services)}"
+    ((name, daemon),) = daemons.items()
+    props = daemon["Properties"]
+    # What ECS allows a DAEMON: the EC2 launch type, constraints but no strategies, no count, no scaling.
+    assert props["LaunchType"] == "EC2"
+    assert not {"CapacityProviderStrategy", "PlacementStrategies", "DesiredCount"} & set(props), name
+    targets = resources(templates["services"], "AWS::ApplicationAutoScaling::ScalableTarget").values()
+    assert not any(name in json.dumps(t["Properties"]["ResourceId"]) for t in targets)
+    # On the app instances, which are the ones that say sluice.role == app.
+    task = services[props["TaskDefinition"]["Ref"]]["Properties"]
+    app_only = {"Type": "memberOf", "Expression": "attribute:sluice.role == app"}
+    assert app_only in props["PlacementConstraints"]
+    assert app_only in task["PlacementConstraints"]
+    boot = templates["cluster"]["Resources"]["AppLaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"]
+    assert 'ECS_INSTANCE_ATTRIBUTES={"sluice.role": "app"}' in json.dumps(boot).replace('\\"', '"')
+    # The worker's container, smaller: one pool process; everything else alike (image, settings, secrets,
+    # health check, stop timeout), so a change to the worker cannot leave the baseline behind.
+    (baseline,) = containers(daemon)
+    (scaled,) = services["WorkerTaskDefinition"]["Properties"]["ContainerDefinitions"]
+    environment = {e["Name"]: e["Value"] for e in baseline["Environment"]}
+    assert environment.pop("SLUICE_WORKER_CONCURRENCY") == "1"
+    assert environment == {e["Name"]: e["Value"] for e in scaled["Environment"]}
+    assert int(baseline["Cpu"]) < int(templates["services"]["Parameters"]["WorkerCpu"]["Default"])
+    assert int(baseline["Memory"]) < int(templates["services"]["Parameters"]["WorkerMemoryMiB"]["Default"])
+    for key in set(scaled) | set(baseline):
+        if key not in ("Cpu", "Memory", "Environment", "LogConfiguration"):
+            assert baseline.get(key) == scaled.get(key), key
+    options = {**baseline["LogConfiguration"]["Options"], "awslogs-stream-prefix": "worker"}
+    assert options == scaled["LogConfiguration"]["Options"]
+    # The scaled service stays: REPLICA, at least one task per zone, under its scaling policy.
+    worker = services["WorkerService"]["Properties"]
+    assert worker.get("SchedulingStrategy", "REPLICA") == "REPLICA"
+    assert templates["services"]["Parameters"]["WorkerMinTasks"]["MinValue"] >= 3
 
 
 def test_every_template(templates: dict[str, Any]) -> None:
