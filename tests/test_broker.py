@@ -91,14 +91,14 @@ def pair(tmp_path: Path) -> Iterator[tuple[_Redis, _Redis]]:
 
 
 def _publish(settings: Settings, min_replicas: int, event: dict[str, Any] | None = None) -> list[str]:
-    """One publish through the API's path (the enqueue script, then WAIT), on a client of its own. A 2 s wait: on
-    a busy CI machine a healthy replica once took over 200 ms to confirm."""
+    """One publish through the API's path (the enqueue script, then WAIT), on a client of its own. A 1 s wait,
+    under the client's 2 s socket timeout: on a busy CI machine a healthy replica once took over 200 ms."""
     event = event or view()
 
     async def go() -> list[str]:
         client = broker.async_client(settings)
         try:
-            marks = AsyncMarks(client, min_replicas=min_replicas, replica_timeout_ms=2000)
+            marks = AsyncMarks(client, min_replicas=min_replicas, replica_timeout_ms=1000)
             msg = message.build([event], accepted_at=time.time(), request_ids=["t"])
             return await marks.enqueue(msg, [(event["event_id"], mark_value(event, time.time()))])
         finally:
