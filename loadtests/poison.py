@@ -28,7 +28,7 @@ from sluice import keys, message
 from sluice.deadletters import raw_bytes
 
 
-def _envelope(nonce: str, **changes: Any) -> dict[str, Any]:
+def envelope(nonce: str, **changes: Any) -> dict[str, Any]:
     """A valid envelope of an empty batch (so nothing it could produce is ever stored), then changed."""
     envelope: dict[str, Any] = orjson.loads(message.build([], accepted_at=time.time(), request_ids=[nonce]).payload)
     for path, value in changes.items():
@@ -41,7 +41,7 @@ def _envelope(nonce: str, **changes: Any) -> dict[str, Any]:
 
 
 def _truncated(nonce: str, rng: random.Random) -> bytes:
-    whole = orjson.dumps(_envelope(nonce))
+    whole = orjson.dumps(envelope(nonce))
     return whole[: rng.randint(len(whole) // 4, len(whole) - 2)]
 
 
@@ -49,14 +49,14 @@ def _truncated(nonce: str, rng: random.Random) -> bytes:
 SHAPES: dict[str, Callable[[str, random.Random], bytes]] = {
     "not_json": lambda n, _: b'{"not": json, "nonce": "' + n.encode() + b'"',
     "truncated": _truncated,
-    "not_utf8": lambda n, _: b"\xff\xfe" + orjson.dumps(_envelope(n)),
+    "not_utf8": lambda n, _: b"\xff\xfe" + orjson.dumps(envelope(n)),
     "json_list": lambda n, _: orjson.dumps([1, 2, n]),
     "not_an_envelope": lambda n, _: orjson.dumps({"task": message.WRITE_EVENTS, "args": [], "nonce": n}),
-    "object_body": lambda n, _: orjson.dumps(_envelope(n, body=orjson.dumps({"events": [], "n": n}).decode())),
-    "body_not_a_string": lambda n, _: orjson.dumps(_envelope(n, body={"events": [], "n": n})),
-    "bad_base64": lambda n, _: orjson.dumps(_envelope(n, properties__body_encoding="base64", body="%%%" + n)),
-    "bad_eta": lambda n, _: orjson.dumps(_envelope(n, headers__eta="tomorrow " + n)),
-    "task_name_a_list": lambda n, _: orjson.dumps(_envelope(n, headers__task=["sluice.write_events", n])),
+    "object_body": lambda n, _: orjson.dumps(envelope(n, body=orjson.dumps({"events": [], "n": n}).decode())),
+    "body_not_a_string": lambda n, _: orjson.dumps(envelope(n, body={"events": [], "n": n})),
+    "bad_base64": lambda n, _: orjson.dumps(envelope(n, properties__body_encoding="base64", body="%%%" + n)),
+    "bad_eta": lambda n, _: orjson.dumps(envelope(n, headers__eta="tomorrow " + n)),
+    "task_name_a_list": lambda n, _: orjson.dumps(envelope(n, headers__task=["sluice.write_events", n])),
     # Rarer (see PoisonProducer): a megabyte that is not JSON.
     "huge": lambda n, _: n.encode() + b"x" * (1024 * 1024),
 }

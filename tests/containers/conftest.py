@@ -7,6 +7,7 @@ of its own, and is brought down with its volumes, pass or fail.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -153,37 +154,35 @@ def docker_ready() -> None:
         assert found.returncode == 0, f"image {image} missing: run `make containers`"
 
 
-@pytest.fixture(scope="module")
-def single(docker_ready: None) -> Iterator[Compose]:
-    """compose.yaml as the README runs it, with three workers; down with volumes afterwards."""
-    stack = Compose("sluice-ct", ["compose.yaml", TEST_FILE], api_port=18600)
-    stack.run("--profile", "loadtest", "down", "--volumes", "--remove-orphans", timeout=300)  # a crashed run's
+@contextlib.contextmanager
+def _stack(project: str, files: Sequence[str | Path], api_port: int, workers: int, *down: str) -> Iterator[Compose]:
+    """A compose project up with ``workers`` workers, after taking down what a crashed run left of it; down with
+    its volumes afterwards, pass or fail. ``down``: options before ``down`` (e.g. the loadtest profile)."""
+    stack = Compose(project, files, api_port=api_port)
+    stack.run(*down, "down", "--volumes", "--remove-orphans", timeout=300)
     try:
-        stack.up("--scale", "worker=3")
+        stack.up("--scale", f"worker={workers}")
         yield stack
     finally:
         stack.down()
+
+
+@pytest.fixture(scope="module")
+def single(docker_ready: None) -> Iterator[Compose]:
+    """compose.yaml as the README runs it, with three workers; down with volumes afterwards."""
+    with _stack("sluice-ct", ["compose.yaml", TEST_FILE], 18600, 3, "--profile", "loadtest") as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
 def ring(docker_ready: None) -> Iterator[Compose]:
     """compose.yaml plus compose.ring.yaml: three Cassandra nodes, RF 3, LOCAL_QUORUM."""
-    stack = Compose("sluice-ring", ["compose.yaml", "compose.ring.yaml", TEST_FILE], api_port=18700)
-    stack.run("down", "--volumes", "--remove-orphans", timeout=300)
-    try:
-        stack.up("--scale", "worker=2")
+    with _stack("sluice-ring", ["compose.yaml", "compose.ring.yaml", TEST_FILE], 18700, 2) as stack:
         yield stack
-    finally:
-        stack.down()
 
 
 @pytest.fixture(scope="module")
 def ha(docker_ready: None) -> Iterator[Compose]:
-    """compose.yaml plus compose.ha.yaml: a Redis primary, a replica and three sentinels; one replica confirms."""
-    stack = Compose("sluice-ha", ["compose.yaml", "compose.ha.yaml", TEST_FILE], api_port=18800)
-    stack.run("down", "--volumes", "--remove-orphans", timeout=300)
-    try:
-        stack.up("--scale", "worker=2")
+    """compose.yaml plus compose.ha.yaml: a Redis primary, two replicas and three sentinels; one replica confirms."""
+    with _stack("sluice-ha", ["compose.yaml", "compose.ha.yaml", TEST_FILE], 18800, 2) as stack:
         yield stack
-    finally:
-        stack.down()
