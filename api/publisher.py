@@ -134,8 +134,33 @@ class BatchingPublisher:
         self._wakeup.set()
         if self._queued_events >= self._max_events:
             self._full.set()
-        # Shielded: a client that disconnects must not cancel a publish other requests share.
-        return await asyncio.shield(item.done)
+        try:
+            # Shielded: a client that disconnects must not cancel a publish other requests share. Bounded from
+            # the request's arrival, not from its publish: while every slot is held by a publish to a Redis that
+            # does not answer (a primary cut off from the network), requests waiting for a slot would otherwise
+            # wait for one whole publish deadline and then their own.
+            return await asyncio.wait_for(asyncio.shield(item.done), self._deadline_s)
+        except TimeoutError:
+            return self._expire(item)
+
+    def _expire(self, item: _Pending) -> list[str]:
+        """The answer of a request whose deadline passed: refused if its events never left this process, else
+        unknown (they are on their way to Redis, and may land)."""
+        if item.done.done():  # settled in the same instant
+            return item.done.result()
+        try:
+            self._queue.remove(item)
+        except ValueError:
+            PUBLISH_FAILURES.labels("unknown").inc()
+            raise PublishError(f"the queue did not confirm within {self._deadline_s} s", definite=False) from None
+        self._queued_events -= len(item.events)
+        if self._queued_events < self._max_events:
+            self._full.clear()
+        PUBLISH_FAILURES.labels("refused").inc()
+        raise PublishError(
+            f"no connection to the queue was free within {self._deadline_s} s (publishes in flight are stalled)",
+            definite=True,
+        )
 
     async def close(self) -> None:
         """Publish what is queued, then stop; requests still waiting get their answer first."""
@@ -161,6 +186,9 @@ class BatchingPublisher:
             # reading and validating, and Redis fsyncs the scripts that arrive together once. With every slot
             # taken, requests keep gathering here, so the next message is fuller.
             await self._slots.acquire()
+            if not self._queue:  # the requests that were waiting for a slot passed their deadline meanwhile
+                self._slots.release()
+                continue
             batch = self._take()
             self._busy = len(batch) > 1 or bool(self._queue)
             task = asyncio.create_task(self._send(batch), name="sluice-publish")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from decimal import Decimal
@@ -200,6 +201,51 @@ def test_the_publisher_keeps_up_to_its_concurrency_of_messages_in_flight(concurr
     assert sum(sizes) == 5
     # Requests that waited for a slot share the next message.
     assert sizes == ([1] * concurrency + [5 - concurrency])
+
+
+def test_every_request_is_answered_within_the_deadline_of_its_arrival() -> None:
+    """A publish stalled past its own deadline holds the one slot: the request in it is answered unknown, and
+    the one waiting for the slot is refused (its events never left the process), each within the deadline
+    of its own arrival, not after the publish ahead of it and then its own."""
+
+    async def run() -> list[tuple[str, float]]:
+        release = asyncio.Event()
+        calls: list[int] = []
+
+        async def stalled_redis(message: object, marks: list[object]) -> list[str]:
+            calls.append(len(marks))
+            while not release.is_set():  # deaf to the publish's own deadline until released
+                with contextlib.suppress(asyncio.CancelledError):
+                    await release.wait()
+            return []
+
+        publisher = BatchingPublisher(stalled_redis, max_events=100, linger_s=0, deadline_s=0.3, concurrency=1)
+        publisher.start()
+
+        async def answer(i: int) -> tuple[str, float]:
+            began = time.monotonic()
+            try:
+                outcome = str(await publisher.submit([{"event_id": f"e{i}"}], ["f"], f"r{i}"))
+            except PublishError as exc:
+                outcome = "refused" if exc.definite else "unknown"
+            return outcome, time.monotonic() - began
+
+        first = asyncio.create_task(answer(0))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(answer(1))
+        try:
+            answers = await asyncio.wait_for(asyncio.gather(first, second), 3)
+        finally:
+            release.set()  # else a failure here would leave the stalled publish deaf for good
+        assert calls == [1], "the waiting request must not have been sent"
+        assert await publisher.submit([{"event_id": "e2"}], ["f"], "r2") == [NEW]
+        await publisher.close()
+        return answers
+
+    (first, first_s), (second, second_s) = asyncio.run(run())
+    assert (first, second) == ("unknown", "refused")
+    assert first_s < 0.5, first_s
+    assert second_s < 0.5, second_s
 
 
 def test_the_publisher_fails_fast_after_a_refusal_but_not_after_a_timeout() -> None:

@@ -169,6 +169,7 @@ def _failover(ha: Compose, queue: Queue, name: str, cut: str, session: Session) 
         docker("unpause", *workers)
         # Kept away a while longer: whatever it took meanwhile must not come back when it rejoins.
         time.sleep(5)
+        back_at = time.monotonic()
         if cut == "kill":
             docker("start", container)
         else:
@@ -186,6 +187,8 @@ def _failover(ha: Compose, queue: Queue, name: str, cut: str, session: Session) 
     errors = load.errors
     kinds = Counter(what for _, what in errors)
     span = (min(at for at, _ in errors), max(at for at, _ in errors)) if errors else (cut_at, cut_at)
+    # When each answer other than a 202 came, in seconds from the cut (a timeline to read a failure by).
+    since_cut = [round(at - cut_at, 2) for at, _ in errors]
     record(
         name,
         figures
@@ -193,7 +196,9 @@ def _failover(ha: Compose, queue: Queue, name: str, cut: str, session: Session) 
             "answers": dict(load.requests),
             "held_unacked_at_cut": len(held),
             "promoted_after_s": round(promoted_at - cut_at, 1),
+            "back_after_s": round(back_at - cut_at, 1),
             "rejoined_after_s": round(rejoined_at - cut_at, 1),
+            "errors_after_cut_s": [since_cut[0], since_cut[-1]] if since_cut else [],
             "switch_seen_by_api_s": round(span[1] - span[0], 1),
             "answers_503": kinds["503"],
             "answers_504": kinds["504"],
@@ -208,7 +213,11 @@ def _failover(ha: Compose, queue: Queue, name: str, cut: str, session: Session) 
     early = [at for at, _ in errors if at < cut_at - 0.5]
     late = [at for at, _ in errors if at > promoted_at + SWITCH_SLACK_S]
     assert not early, f"{len(early)} errors before the cut"
-    assert not late, f"{len(late)} errors more than {SWITCH_SLACK_S} s after the promotion, e.g. {errors[-3:]}"
+    assert not late, (
+        f"{len(late)} errors more than {SWITCH_SLACK_S} s after the promotion (at {promoted_at - cut_at:.1f} s; "
+        f"the old primary back at {back_at - cut_at:.1f} s, a replica at {rejoined_at - cut_at:.1f} s), "
+        f"at these seconds from the cut: {[t for t in since_cut if t > promoted_at - cut_at + SWITCH_SLACK_S][:20]}"
+    )
     assert load.requests["202"] >= 0.8 * load.sent_requests, f"the API did not take events for most of the run: {kinds}"
 
 
