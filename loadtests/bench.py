@@ -22,6 +22,10 @@ reported. Phases, each checked end to end (every accepted event stored exactly o
 4. lag: ``--lag-rate`` requests/s for ``--lag-s``; every ``--lag-sample``-th event is polled in
    ``events_by_id`` from the moment its 202 came back: p50/p99 of accepted -> readable.
 5. memory: peak RSS (VmHWM) of the API processes, each worker instance (main + pool), Cassandra.
+7. replica: the price of a 202 on two nodes (``SLUICE_REDIS_MIN_REPLICAS=1``): a Redis replica and a second
+   API that waits for it; p50/p99 at 100 single events/s and the single phase's rates under the p99 bar, each
+   measured back to back on the one-node API and on the waiting one (``wait_*`` beside ``node_*``, and their
+   ratios ``wait_p50_at_100_ratio``, ``wait_single_rps_ratio``).
 
 0. warm-up (not counted), then 100 single events/s for 10 s: ``single_p50_ms_at_100``.
 6. ceiling (before the drain): the same kind of rows written by the driver's best path with no pipeline
@@ -235,22 +239,25 @@ class Bench:
         say(f"  at 100/s: p50 {p50} ms, p99 {res.quantile_ms(0.99):.1f} ms")
         return {"single_p50_ms_at_100": p50, "single_p99_ms_at_100": round(res.quantile_ms(0.99), 2)}
 
-    def replica(self, single_rps: float | None, single_rates: Sequence[float]) -> dict[str, Any]:
+    def replica(self, single_rates: Sequence[float]) -> dict[str, Any]:
         """The price of a 202 on two nodes: a replica of the bench's Redis, and a second API that answers only
-        once it confirmed (SLUICE_REDIS_MIN_REPLICAS=1); 100 single events/s, then rising rates to the best with
-        p99 under the bar. Beside the single-node figures of the same run (``single_*``)."""
+        once it confirmed (SLUICE_REDIS_MIN_REPLICAS=1). Each measurement is taken twice back to back, on the
+        one-node API and then on the waiting one, so the price is a ratio of the same minute (the single phase
+        ran minutes earlier, when Cassandra and the machine may have been busier or quieter): 100 single
+        events/s, then the single phase's rates, rising, until both have failed the p99 bar."""
         from devstack import redis_process, start_redis
         from devstack.services import start_api, stop_services
 
         a = self.args
-        say("phase replica: a Redis replica and an API waiting for it (SLUICE_REDIS_MIN_REPLICAS=1)")
+        say("phase replica: a Redis replica and an API waiting for it (SLUICE_REDIS_MIN_REPLICAS=1), each step "
+            "beside the same step on the one-node API")  # fmt: skip
         self.ensure_empty_queue()
         port = PROFILE.redis_port + 1000
         node = redis_process(OUT / "replica", port, "512mb", replica_of=PROFILE.redis_port)
         start_redis(node, port)
         replica = redis.Redis(port=port, socket_timeout=2)
         api = None
-        saved_port = self.port
+        ports = {"node": self.port, "wait": PROFILE.api_port + 2}
         try:
             deadline = time.monotonic() + 30
             while cast("dict[str, Any]", replica.info("replication")).get("master_link_status") != "up":
@@ -258,33 +265,45 @@ class Bench:
                     raise StackError(f"the replica on :{port} did not sync with the bench's Redis within 30 s")
                 time.sleep(0.2)
             env = self.stack.env | {"SLUICE_REDIS_MIN_REPLICAS": "1"}
-            api = start_api("api-wait", env, self.stack.log_dir, port=PROFILE.api_port + 2, run_dir=self.stack.run_dir)
-            self.port = PROFILE.api_port + 2
-            out = {f"wait_{key}": value for key, value in self.p50_at_100().items()}
-            # The rates the single phase tried (else --steps), rising, up to the first failure: the same bar at
-            # the same rates, so the two searches compare step by step.
+            api = start_api("api-wait", env, self.stack.log_dir, port=ports["wait"], run_dir=self.stack.run_dir)
+            out: dict[str, Any] = {}
+            for side, api_port in ports.items():
+                self.port = api_port
+                out |= {f"{side}_{key}": value for key, value in self.p50_at_100().items()}
             steps = sorted(set(single_rates)) or [float(x) for x in a.steps.split(",") if x.strip()]
-            best: dict[str, Any] | None = None
-            results = []
+            best: dict[str, dict[str, Any] | None] = dict.fromkeys(ports)
+            failed: set[str] = set()
+            results: dict[str, list[dict[str, Any]]] = {side: [] for side in ports}
             for rate in steps:
-                self.ensure_empty_queue()
-                step = self.single_step(rate)
-                results.append(step)
-                if not step["pass"]:
+                for side in [s for s in ports if s not in failed]:
+                    self.port = ports[side]
+                    self.ensure_empty_queue()
+                    say(f"  {side}:")
+                    step = self.single_step(rate)
+                    results[side].append(step)
+                    if step["pass"]:
+                        best[side] = step
+                    else:
+                        failed.add(side)
+                if failed == set(ports):
                     break
-                best = step
-            out |= {
-                "wait_steps": results,
-                "wait_single_rps": best["http"]["achieved_rps"] if best else 0.0,
-                "wait_single_p99_ms": best["http"]["p99_ms"] if best else None,
-            }
-            if single_rps:
-                out["wait_single_rps_ratio"] = round(out["wait_single_rps"] / single_rps, 3)
-            say(f"  with a replica confirming: {out['wait_single_rps']:,.0f} req/s under the p99 bar "
-                f"(one node: {single_rps or 0:,.0f})")  # fmt: skip
+            for side in ports:
+                chosen = best[side]
+                out[f"{side}_steps"] = results[side]
+                out[f"{side}_single_rps"] = chosen["http"]["achieved_rps"] if chosen else 0.0
+                out[f"{side}_single_p99_ms"] = chosen["http"]["p99_ms"] if chosen else None
+            if out["node_single_rps"]:
+                out["wait_single_rps_ratio"] = round(out["wait_single_rps"] / out["node_single_rps"], 3)
+            if out["node_single_p50_ms_at_100"]:
+                out["wait_p50_at_100_ratio"] = round(
+                    out["wait_single_p50_ms_at_100"] / out["node_single_p50_ms_at_100"], 3
+                )
+            say(f"  with a replica confirming: {out['wait_single_rps']:,.0f} req/s under the p99 bar, p50 at 100/s "
+                f"{out['wait_single_p50_ms_at_100']} ms; the one-node API beside it: "
+                f"{out['node_single_rps']:,.0f} req/s, {out['node_single_p50_ms_at_100']} ms")  # fmt: skip
             return out
         finally:
-            self.port = saved_port
+            self.port = ports["node"]
             if api is not None:
                 stop_services([api])
             replica.close()
@@ -663,9 +682,13 @@ def print_table(summary: dict[str, Any]) -> None:
         ("single_p50_ms_at_100", "single events at 100/s, p50 (ms)", ""),
         ("single_p99_ms_at_100", "single events at 100/s, p99 (ms)", ""),
         ("wait_single_p50_ms_at_100", "  a replica confirming: p50 at 100/s (ms)", "SLUICE_REDIS_MIN_REPLICAS=1"),
+        ("node_single_p50_ms_at_100", "    one node, measured beside it (ms)", ""),
+        ("wait_p50_at_100_ratio", "    replica / one node, p50 at 100/s", "the price of WAIT"),
         ("wait_single_p99_ms_at_100", "  a replica confirming: p99 at 100/s (ms)", ""),
+        ("node_single_p99_ms_at_100", "    one node, measured beside it (ms)", ""),
         ("wait_single_rps", "  a replica confirming: p99 bar (req/s)", f"p99 {summary.get('wait_single_p99_ms')} ms"),
-        ("wait_single_rps_ratio", "  ... / single events, one node", "same run"),
+        ("node_single_rps", "    one node, step by step beside it", f"p99 {summary.get('node_single_p99_ms')} ms"),
+        ("wait_single_rps_ratio", "    replica / one node, p99 bar", "the price of WAIT"),
         ("lag_p50_ms", "accepted -> readable p50 (ms)", lag_note),
         ("lag_p99_ms", "accepted -> readable p99 (ms)", lag_note),
         ("api_rss_mb", "API peak RSS per process (MB)", ""),
@@ -755,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         if "lag" not in skip:
             summary |= bench.lag()
         if "replica" not in skip:
-            summary |= bench.replica(summary.get("single_rps"), [s["target_rps"] for s in summary.get("steps", [])])
+            summary |= bench.replica([s["target_rps"] for s in summary.get("steps", [])])
         summary |= bench.memory()
         summary |= {"lost": bench.lost, "duplicated": bench.duplicated, "checked": bench.checked,
                     "unexpected": bench.unexpected, "conflicting": bench.conflicting}  # fmt: skip
