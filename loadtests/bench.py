@@ -21,6 +21,8 @@ reported. Phases, each checked end to end (every accepted event stored exactly o
    of N pairs measured back to back (on a shared machine, one pair is at the mercy of outside load).
 4. lag: ``--lag-rate`` requests/s for ``--lag-s``; every ``--lag-sample``-th event is polled in
    ``events_by_id`` from the moment its 202 came back: p50/p99 of accepted -> readable.
+   cpu: ``--cpu-rate`` single events/s for ``--cpu-s``, nothing polled: CPU ms per request per role
+   (``cpu_<role>_ms_per_request``, api, worker, cassandra and redis with targets), first request to drained.
 5. memory: peak RSS (VmHWM) of the API processes, each worker instance (main + pool), Cassandra.
 7. replica: the price of a 202 on two nodes (``SLUICE_REDIS_MIN_REPLICAS=1``): a Redis replica and a second
    API that waits for it; p50/p99 at 100 single events/s and the single phase's rates under the p99 bar, each
@@ -88,7 +90,15 @@ TARGETS: dict[str, tuple[str, float]] = {
     "api_rss_mb": ("<=", 150),
     "lost": ("<=", 0),
     "duplicated": ("<=", 0),
+    # CPU per single-event request at --cpu-rate (1,000/s), per role: what each tier costs a request.
+    "cpu_api_ms_per_request": ("<=", 0.15),
+    "cpu_worker_ms_per_request": ("<=", 0.15),
+    "cpu_cassandra_ms_per_request": ("<=", 0.2),
+    "cpu_redis_ms_per_request": ("<=", 0.05),
 }
+
+#: The roles whose CPU per request has a target (the keys cpu_<role>_ms_per_request).
+CPU_ROLES = ("api", "worker", "cassandra", "redis")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -118,13 +128,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="native/Segment-format batch pairs; the SDK ratios are their medians (1)")  # fmt: skip
     g.add_argument("--fill-events", type=int, default=40_000, help="events queued for the drain phase (40,000)")
     g.add_argument("--lag-rate", type=float, default=1000.0, help="requests/s of the lag phase (1,000)")
+    g.add_argument("--cpu-rate", type=float, default=1000.0,
+                   help="single events/s of the cpu phase: CPU per request per role (1,000)")  # fmt: skip
+    g.add_argument("--cpu-s", type=float, default=10.0, help="seconds of the cpu phase (10)")
     g.add_argument("--lag-s", type=float, default=15.0, help="seconds of the lag phase (15)")
     g.add_argument("--lag-sample", type=int, default=5, help="poll every N-th event of the lag phase (5)")
     g.add_argument("--listings", type=int, default=10_000, help="listings per phase, Zipf popularity (10,000)")
     g.add_argument("--budget-s", type=float, default=330.0,
                    help="stop adding rate steps when the run would overrun this many seconds (330)")  # fmt: skip
     g.add_argument("--skip", default="",
-                   help="phases to skip, comma-separated: single,ceiling,batch,sdk,drain,lag,replica")  # fmt: skip
+                   help="phases to skip, comma-separated: single,ceiling,batch,sdk,drain,lag,cpu,replica")  # fmt: skip
     g.add_argument("--py-spy", action="store_true",
                    help="profile the API during the lag phase and the workers during the drain phase")  # fmt: skip
     g.add_argument("--py-spy-format", default="flamegraph", choices=["flamegraph", "raw", "speedscope"])
@@ -615,6 +628,36 @@ class Bench:
             f"p50 {lag['p50_ms']} ms, p99 {lag['p99_ms']} ms over {lag['samples']} samples")  # fmt: skip
         return out
 
+    def cpu(self) -> dict[str, Any]:
+        """CPU per single-event request, per role, at ``--cpu-rate``: from the first request until the queue is
+        drained (every request's whole cost, the worker's and Cassandra's included), with nothing else running:
+        no polling of Cassandra, unlike the lag phase."""
+        a = self.args
+        count = int(a.cpu_rate * a.cpu_s)
+        say(f"phase cpu: {a.cpu_rate:g} single events/s for {a.cpu_s:g} s; CPU per request per role until drained")
+        self.ensure_empty_queue()
+        self.quiesce()
+        requests, records = self.factory.single(count, a.cpu_rate)
+        statuses = array("H", bytes(2 * count))
+        self.meter.start()
+        res = self.load(requests, rate=a.cpu_rate, connections=a.connections, max_seconds=a.cpu_s + 5,
+                        on_response=_recorder(statuses))  # fmt: skip
+        drained_s = self.settle(60)
+        usage = self.meter.stop()
+        accepted = ok_records(statuses, records)
+        self.verify(accepted, drained_s is not None)
+        per_request = cpu_per_event(usage, res.ok)
+        out: dict[str, Any] = {
+            "cpu_http": res.summary(),
+            "cpu": usage.as_json(),
+            "cpu_ms_per_request": per_request,
+            **{f"cpu_{role}_ms_per_request": per_request.get(role) for role in CPU_ROLES},
+        }
+        say(f"  achieved {res.achieved_rps:.0f}/s (p99 {res.quantile_ms(0.99):.0f} ms), drained "
+            f"+{drained_s if drained_s is not None else math.inf:.1f} s; CPU ms per request: "
+            + ", ".join(f"{role} {ms:.3f}" for role, ms in per_request.items()))  # fmt: skip
+        return out
+
     def memory(self) -> dict[str, Any]:
         procs = self.stack.processes
         procs.sample()
@@ -694,6 +737,14 @@ def print_table(summary: dict[str, Any]) -> None:
         ("api_rss_mb", "API peak RSS per process (MB)", ""),
         ("worker_rss_mb", "worker peak RSS, main + pool (MB)", ""),
         ("cassandra_rss_mb", "Cassandra peak RSS (MB)", ""),
+        *[
+            (
+                f"cpu_{role}_ms_per_request",
+                f"CPU per single request, {role} (ms)",
+                f"at {summary['parameters']['cpu_rate']:,.0f} req/s" if role == "api" else "",
+            )
+            for role in CPU_ROLES
+        ],
         ("lost", "events lost", f"of {summary.get('checked', 0):,} checked"),
         ("duplicated", "events duplicated", ""),
     ]
@@ -704,7 +755,7 @@ def print_table(summary: dict[str, Any]) -> None:
         value = summary.get(key)
         if value is None:
             shown = "-"
-        elif key.endswith("_ratio"):
+        elif key.endswith(("_ratio", "_ms_per_request")):
             shown = f"{value:.3f}"
         else:
             shown = f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
@@ -715,8 +766,8 @@ def print_table(summary: dict[str, Any]) -> None:
             target_text, met = "", ""
         print(f"{label:<42} {shown:>12}  {target_text:<10} {met:<7} {note}")
     print("-" * 100)
-    for phase in ("drain", "batch", "ceiling", "ceiling_with_read"):
-        per_event = summary.get(f"{phase}_cpu_ms_per_event")
+    for phase in ("drain", "batch", "ceiling", "ceiling_with_read", "cpu"):
+        per_event = summary.get(f"{phase}_cpu_ms_per_event" if phase != "cpu" else "cpu_ms_per_request")
         if per_event:
             shares = ", ".join(f"{role} {ms:.3f}" for role, ms in per_event.items())
             print(f"CPU ms per event, {phase}: {shares}")
@@ -777,6 +828,8 @@ def main(argv: list[str] | None = None) -> int:
             summary |= bench.sdk_rounds(summary, args.sdk_rounds)
         if "lag" not in skip:
             summary |= bench.lag()
+        if "cpu" not in skip:
+            summary |= bench.cpu()
         if "replica" not in skip:
             summary |= bench.replica([s["target_rps"] for s in summary.get("steps", [])])
         summary |= bench.memory()
