@@ -201,7 +201,7 @@ def _sdk_replayable(record: dict[str, Any], entry_id: str | None) -> dict[str, A
         return f"still not an event: {why}"
     if entry_id is not None and outcome.event_id != entry_id:
         return f"the message translates to event {outcome.event_id}, not {entry_id}"
-    return queued_form(outcome.event)
+    return outcome.event
 
 
 _REPLAY_REFUSED: Final = {

@@ -15,7 +15,8 @@ import datetime as dt
 import hashlib
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Union
 from uuid import UUID
 
 import orjson
@@ -34,7 +35,16 @@ from pydantic import (
     model_validator,
 )
 
-from sluice.eventtypes import EARLIEST, MAX_BIGINT, REGISTRY, TYPE_NAMES, EventField, EventType, must_be_string
+from sluice.eventtypes import (
+    COMMON_FIELDS,
+    EARLIEST,
+    MAX_BIGINT,
+    REGISTRY,
+    TYPE_NAMES,
+    EventField,
+    EventType,
+    must_be_string,
+)
 
 
 def _in_time_range(value: dt.datetime, info: ValidationInfo) -> dt.datetime:
@@ -162,17 +172,116 @@ def validate_event(
     ``max_future_s`` bounds how far ``occurred_at`` may lie ahead of our clock, ``retention_days`` (0: keep
     forever) how far behind it (the API sets both).
     """
-    context = None
-    if max_future_s is not None:
-        now = dt.datetime.now(dt.UTC)
-        context = {
-            "latest": now + dt.timedelta(seconds=max_future_s),
-            "max_future_s": max_future_s,
-            "retention_days": retention_days,
-            "expired": now - dt.timedelta(days=retention_days or 0),
-        }
     try:
-        return EVENT_ADAPTER.validate_python(raw, context=context)
+        return EVENT_ADAPTER.validate_python(raw, context=_context(max_future_s, retention_days))
+    except ValidationError as exc:
+        return [_field_error(err, loc_prefix) for err in exc.errors(include_url=False, include_input=False)]
+
+
+def _context(max_future_s: int | None, retention_days: int) -> dict[str, Any] | None:
+    """What the time-range check needs from the API: the latest instant its clock allows, the retention's
+    earliest (None: the worker, judging an event already accepted)."""
+    if max_future_s is None:
+        return None
+    now = dt.datetime.now(dt.UTC)
+    return {
+        "latest": now + dt.timedelta(seconds=max_future_s),
+        "max_future_s": max_future_s,
+        "retention_days": retention_days,
+        "expired": now - dt.timedelta(days=retention_days or 0),
+    }
+
+
+class _Checked:
+    """What a type's cross-field rule reads on the fast path: the values the model would hold, as attributes."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+
+
+@dataclass(frozen=True, slots=True)
+class _FastType:
+    name: str
+    keys: frozenset[str]
+    required: frozenset[str]
+    fields: tuple[tuple[str, Callable[[Any], tuple[Any, Any] | None], bool], ...]
+    check: Callable[[Any], str | None] | None
+
+
+_FAST: Final = {
+    kind.name: _FastType(
+        kind.name,
+        frozenset(COMMON_FIELDS) | set(kind.field_names),
+        frozenset(COMMON_FIELDS) | {f.name for f in kind.fields if f.required},
+        tuple((f.name, f.kind.fast, f.required) for f in kind.fields),
+        kind.check,
+    )
+    for kind in REGISTRY
+}
+#: The canonical text of a UUID and of an RFC 3339 instant as clients send them (the fast path takes no other).
+_UUID_FORM: Final = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}").fullmatch
+_INSTANT_FORM: Final = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2})", re.ASCII
+).fullmatch
+
+
+def _fast_queued(raw: Any, context: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The queued form of an event in the plain form clients send, without the model: None for anything else
+    (the model then decides, and says what is wrong). Never accepts what the model refuses, never queues a
+    value in another form than :func:`queued_form` (tests/test_event_model.py runs both on generated events)."""
+    if type(raw) is not dict:
+        return None
+    kind = raw.get("type")
+    shape = _FAST.get(kind) if type(kind) is str else None
+    if shape is None:
+        return None
+    present = raw.keys()
+    if not present <= shape.keys or not shape.required <= present:
+        return None
+    event_id, listing_id, user_id, occurred = raw["event_id"], raw["listing_id"], raw["user_id"], raw["occurred_at"]
+    if (type(listing_id) is not int or type(user_id) is not int or not 0 < listing_id <= MAX_BIGINT
+            or not 0 < user_id <= MAX_BIGINT or type(event_id) is not str or not _UUID_FORM(event_id)
+            or type(occurred) is not str or not _INSTANT_FORM(occurred)):  # fmt: skip
+        return None
+    try:
+        instant = dt.datetime.fromisoformat(occurred).astimezone(dt.UTC)
+    except ValueError:
+        return None
+    if instant < EARLIEST or (context is not None and (
+            instant > context["latest"] or (context["retention_days"] and instant <= context["expired"]))):  # fmt: skip
+        return None
+    out: dict[str, Any] = {"event_id": event_id.lower(), "type": kind, "listing_id": listing_id, "user_id": user_id,
+                           "occurred_at": iso_utc_ms(instant)}  # fmt: skip
+    held: dict[str, Any] = {}
+    for name, fast, required in shape.fields:
+        value = raw.get(name)
+        if value is None:
+            if required:
+                return None
+            out[name] = held[name] = None
+            continue
+        converted = fast(value)
+        if converted is None:
+            return None
+        held[name], out[name] = converted
+    if shape.check is not None and shape.check(_Checked(held)) is not None:
+        return None
+    return out
+
+
+def validate_queued(
+    raw: Any, loc_prefix: tuple[str | int, ...] = (), *, max_future_s: int | None = None, retention_days: int = 0
+) -> dict[str, Any] | list[FieldError]:
+    """:func:`validate_event`, then :func:`queued_form`: the event in its queued form, or what is wrong with it.
+
+    Events in the plain form clients send skip the model (one pass over the dict, no model instance, no dump):
+    the API's hot path. Anything else goes through the model, which gives the error messages."""
+    context = _context(max_future_s, retention_days)
+    fast = _fast_queued(raw, context)
+    if fast is not None:
+        return fast
+    try:
+        return queued_form(EVENT_ADAPTER.validate_python(raw, context=context))
     except ValidationError as exc:
         return [_field_error(err, loc_prefix) for err in exc.errors(include_url=False, include_input=False)]
 

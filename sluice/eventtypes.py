@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -79,6 +80,11 @@ class Kind:
     #: An SDK's JSON value -> this kind's input, for values an SDK sends in another JSON type than ours (a
     #: price as a number); the validation that follows is the API's own. None: taken as sent.
     from_sdk: Callable[[Any], Any] | None = None
+    #: The API's fast path (sluice.events.validate_queued): a JSON value in the plain form clients send ->
+    #: ``(the value the model would hold, the queued value)``, or None for anything else, which the model then
+    #: judges (with its error messages). It may send any value to the model, but must never accept one the
+    #: model refuses, nor queue it in another form (tests/test_event_model.py checks it against the model).
+    fast: Callable[[Any], tuple[Any, Any] | None] = lambda _: None
 
 
 def _load_int(value: Any) -> int:
@@ -117,24 +123,58 @@ def _dump_day(value: Any) -> str:
 def integer(*, ge: int, le: int) -> Kind:
     """A strict JSON integer (``"5"`` and ``true`` are refused) in ``ge..le``, stored as CQL ``int``
     (or ``bigint`` when the range needs it)."""
+
+    def fast(value: Any) -> tuple[Any, Any] | None:
+        return (value, value) if type(value) is int and ge <= value <= le else None
+
     return Kind(
         annotation=Annotated[StrictInt, Field(ge=ge, le=le)],
         cql="int" if ge >= -MAX_INT - 1 and le <= MAX_INT else "bigint",
         load=_load_int,
         dump=int,
         json_type=int,
+        fast=fast,
     )
 
 
 def text(*, min_length: int = 0, max_length: int) -> Kind:
     """A JSON string of ``min_length..max_length`` characters, stored as CQL ``text``."""
+
+    def fast(value: Any) -> tuple[Any, Any] | None:
+        return (value, value) if type(value) is str and min_length <= len(value) <= max_length else None
+
     return Kind(
         annotation=Annotated[StrictStr, Field(min_length=min_length, max_length=max_length)],
         cql="text",
         load=_load_str,
         dump=str,
         json_type=str,
+        fast=fast,
     )
+
+
+def _fast_matching(pattern: str, queued: Callable[[str], Any] = str) -> Callable[[Any], tuple[Any, Any] | None]:
+    """A string kind's fast path: the whole string matches ``pattern`` (ASCII only, no end-of-line slack)."""
+    match = re.compile(pattern, re.ASCII).fullmatch
+
+    def fast(value: Any) -> tuple[Any, Any] | None:
+        return (value, queued(value)) if type(value) is str and match(value) else None
+
+    return fast
+
+
+def _fast_day(value: Any) -> tuple[Any, Any] | None:
+    if type(value) is not str or not _DAY_FORM(value):
+        return None
+    try:
+        day = dt.date.fromisoformat(value)
+    except ValueError:
+        return None
+    return (day, value) if EARLIEST.date() <= day <= LATEST_DAY else None
+
+
+_DAY_FORM = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII).fullmatch
+_PRICE_PATTERN = r"[0-9]{1,12}(\.[0-9]{1,4})?"
 
 
 #: A calendar day, ``YYYY-MM-DD``.
@@ -144,12 +184,13 @@ DAY: Final = Kind(
     load=dt.date.fromisoformat,  # TypeError for a non-string
     dump=_dump_day,
     json_type=str,
+    fast=_fast_day,
 )
 #: A non-negative decimal string with up to 4 decimals, stored exactly (``decimal`` keeps the scale).
 PRICE: Final = Kind(
     annotation=Annotated[
         StrictStr,
-        Field(pattern=r"^[0-9]{1,12}(\.[0-9]{1,4})?$", examples=["149.90"]),
+        Field(pattern=f"^{_PRICE_PATTERN}$", examples=["149.90"]),
         AfterValidator(_non_negative_decimal),
     ],
     cql="decimal",
@@ -157,6 +198,8 @@ PRICE: Final = Kind(
     dump=str,
     json_type=str,
     from_sdk=_price_from_number,
+    # Queued as it is read back: the decimal's own text ("0149.90" -> "149.90"); never negative by the pattern.
+    fast=_fast_matching(_PRICE_PATTERN, lambda value: str(Decimal(value))),
 )
 #: An ISO 4217 code.
 CURRENCY: Final = Kind(
@@ -165,6 +208,7 @@ CURRENCY: Final = Kind(
     load=_load_str,
     dump=str,
     json_type=str,
+    fast=_fast_matching(r"[A-Z]{3}"),
 )
 
 

@@ -33,7 +33,7 @@ from typing import Any, Final, Literal
 
 import orjson
 
-from sluice.events import EventBase, FieldError, iso_utc_ms, validate_event
+from sluice.events import FieldError, iso_utc_ms, validate_queued
 from sluice.eventtypes import BY_NAME, REGISTRY, SDK_COMMON_SOURCES, EventType
 from sluice.settings import Settings, get_settings
 
@@ -154,7 +154,8 @@ class Outcome:
     message_id: str | None = None
     #: The type the name maps to (also for a rejection of a mapped name: a bad field).
     kind: str | None = None
-    event: EventBase | None = None
+    #: The event in its queued form (sluice.events.queued_form).
+    event: dict[str, Any] | None = None
     errors: list[FieldError] = field(default_factory=list)
     #: A short reason for metrics: unknown_name, anonymous, invalid_user_id, invalid_field, ...
     reason: str = ""
@@ -231,7 +232,7 @@ def translate(
         else:
             convert = kinds[field_name].kind.from_sdk
             event[field_name] = convert(value) if convert else value
-    validated = validate_event(event, max_future_s=max_future_s, retention_days=retention_days)
+    validated = validate_queued(event, max_future_s=max_future_s, retention_days=retention_days)
     if isinstance(validated, list):
         errors = [_at_source(error, paths, loc) for error in validated]
         return Outcome("rejected", call, name, event_id, message_id, route.kind.name, errors=errors,

@@ -19,16 +19,7 @@ from api.errors import ApiError, ErrorBody, store_read_failed
 from api.publisher import Overloaded, PublishError
 from api.responses import JSONResponse
 from sluice import keys
-from sluice.events import (
-    Event,
-    EventBase,
-    FieldError,
-    event_id_of,
-    fingerprint,
-    iso_utc_ms,
-    queued_form,
-    validate_event,
-)
+from sluice.events import Event, FieldError, event_id_of, fingerprint, iso_utc_ms, validate_queued
 from sluice.eventtypes import REGISTRY, TYPE_NAMES
 from sluice.marks import CONFLICT, NEW, parse_mark
 from sluice.metrics import ACCEPTED_BY_TYPE, REJECTED_BY_TYPE
@@ -145,11 +136,10 @@ def conflict_error(loc: list[str | int], event_id: str) -> dict[str, Any]:
             "msg": f"event {event_id} is already queued with other content; the first version wins"}  # fmt: skip
 
 
-async def queue_events(publisher: PublisherDep, events: list[EventBase]) -> list[str]:
-    """Queue the events with their marks; one status per event (NEW, DUPLICATE or CONFLICT). The one publish
-    path of every ingest route (native and SDK): 503 or 504 as an :class:`ApiError` when nothing, or maybe
-    nothing, was queued."""
-    queued = [queued_form(event) for event in events]
+async def queue_events(publisher: PublisherDep, queued: list[dict[str, Any]]) -> list[str]:
+    """Queue the events (in their queued form) with their marks; one status per event (NEW, DUPLICATE or
+    CONFLICT). The one publish path of every ingest route (native and SDK): 503 or 504 as an
+    :class:`ApiError` when nothing, or maybe nothing, was queued."""
     fingerprints = [fingerprint(item) for item in queued]
     try:
         statuses = await publisher.submit(queued, fingerprints, correlation_id.get() or uuid.uuid4().hex)
@@ -183,11 +173,11 @@ async def queue_events(publisher: PublisherDep, events: list[EventBase]) -> list
 async def post_event(request: Request, settings: SettingsDep, publisher: PublisherDep) -> JSONResponse:
     raw = await read_json(request, settings.max_body_bytes)
     charge(request, 1)
-    event = validate_event(raw, max_future_s=settings.max_clock_skew_s, retention_days=settings.retention_days)
+    event = validate_queued(raw, max_future_s=settings.max_clock_skew_s, retention_days=settings.retention_days)
     if isinstance(event, list):
         _count_rejected(raw)
         raise ApiError(422, "invalid_event", "the event is invalid", [e.model_dump() for e in event])
-    event_id = str(event.event_id)
+    event_id = event["event_id"]
     [status] = await queue_events(publisher, [event])
     if status == CONFLICT:
         raise ApiError(409, "conflict", f"event {event_id} is already queued with other content; the first "
@@ -234,12 +224,12 @@ async def post_batch(request: Request, settings: SettingsDep, publisher: Publish
                            f"List should have at most {limit} items, not {len(items)}")  # fmt: skip
     charge(request, len(items))
 
-    valid: list[EventBase] = []
+    valid: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     all_errors: list[dict[str, Any]] = []
     for index, item in enumerate(items):
-        outcome = validate_event(item, ("events", index), max_future_s=settings.max_clock_skew_s,
-                                 retention_days=settings.retention_days)  # fmt: skip
+        outcome = validate_queued(item, ("events", index), max_future_s=settings.max_clock_skew_s,
+                                  retention_days=settings.retention_days)  # fmt: skip
         if isinstance(outcome, list):
             _count_rejected(item)
             errors = [e.model_dump() for e in outcome]
@@ -247,7 +237,7 @@ async def post_batch(request: Request, settings: SettingsDep, publisher: Publish
             results.append({"index": index, "event_id": event_id_of(item), "status": "rejected", "errors": errors})
         else:
             valid.append(outcome)
-            results.append({"index": index, "event_id": str(outcome.event_id), "status": "accepted", "errors": []})
+            results.append({"index": index, "event_id": outcome["event_id"], "status": "accepted", "errors": []})
     if not valid:
         raise ApiError(422, "invalid_events", "no event in the batch is valid", all_errors)
     statuses = iter(await queue_events(publisher, valid))
