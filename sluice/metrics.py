@@ -33,7 +33,10 @@ QUEUE_DEPTH = Gauge(
 )
 EVENTS_WRITTEN = Counter("sluice_events_written_total", "Events written to Cassandra by the workers", ["type"])
 WRITE_DURATION = Histogram(
-    "sluice_write_duration_seconds", "Time to write one task's events to Cassandra", buckets=_LATENCY_BUCKETS
+    "sluice_write_duration_seconds", "Time to write one worker run's events to Cassandra", buckets=_LATENCY_BUCKETS
+)
+RUN_MESSAGES = Histogram(
+    "sluice_worker_run_messages", "Messages one worker run writes together", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
 )
 TASK_RETRIES = Counter("sluice_task_retries_total", "Tasks retried after a failed Cassandra write")
 DEAD_LETTERS = Counter("sluice_dead_letters_total", "Events or messages sent to the dead-letter store", ["reason"])

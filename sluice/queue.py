@@ -65,8 +65,10 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=DELIVERY["acks_late"],
         task_reject_on_worker_lost=DELIVERY["reject_on_worker_lost"],
         task_acks_on_failure_or_timeout=DELIVERY["acks_on_failure_or_timeout"],
-        # One message per process at a time: with late acks, prefetching more would strand messages.
-        worker_prefetch_multiplier=1,
+        # Each pool process's share of unacknowledged messages: the worker buffers what it receives and writes
+        # whatever waits while its processes are busy in one run (worker/batching.py), so it must be able to
+        # hold a run's worth. Late acks: every one of them stays in Redis's unacknowledged set until written.
+        worker_prefetch_multiplier=settings.worker_batch_messages,
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=max(1, settings.task_time_limit_s - 10),
         broker_transport_options=transport,

@@ -123,6 +123,11 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=2, ge=1)
     #: Cassandra writes in flight at once per worker process.
     write_concurrency: int = Field(default=64, ge=1, le=1024)
+    #: Most messages one worker run writes together (worker/batching.py): whatever waits while every pool
+    #: process is busy goes into the next run, up to this many messages and ``SLUICE_WORKER_BATCH_EVENTS``
+    #: events. Also what each pool process may hold unacknowledged (Celery's prefetch).
+    worker_batch_messages: int = Field(default=32, ge=1, le=1000)
+    worker_batch_events: int = Field(default=2000, ge=1, le=100_000)
     #: Attempts of a task before its events are dead-lettered.
     task_max_retries: int = Field(default=8, ge=0)
     task_retry_backoff_s: float = Field(default=1.0, gt=0)

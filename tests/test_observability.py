@@ -103,7 +103,7 @@ def test_request_id_goes_from_the_api_to_the_worker_log(api: Service, worker: Se
     assert line["logger"] == "sluice.worker"
     assert line["level"] == "INFO"
     assert str(line["message"]).startswith("wrote ")
-    assert line["task_id"]
+    assert line["task_ids"]
 
 
 def test_flower_works_against_our_broker(worker: Service, profile: Profile, tmp_path: Path) -> None:

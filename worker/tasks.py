@@ -5,8 +5,11 @@ rejects it without requeue). Every run ends in one of these ways for each event:
 already was); it is a conflict with a stored first version (dead-lettered as such); it is retried with
 backoff (a new message, published with its marks' scores refreshed, before this one is acknowledged); or,
 after the last attempt, it goes to the dead-letter store with the reason. If Redis refuses any of those
-records, the task raises ``Reject(requeue=True)``: the message goes back to the queue (or stays
-unacknowledged, to be handed out again), never acknowledged with its events nowhere.
+records, the message goes back to the queue (or stays unacknowledged, to be handed out again), never
+acknowledged with its events nowhere.
+
+The worker runs several messages at once (:func:`run_batch`, handed over by worker/batching.py): their events
+are read and written together, and each message still ends as it would alone.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import datetime as dt
 import logging
 import random
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import orjson
 import redis
 from celery import Task
 from celery.exceptions import Reject
@@ -71,133 +76,222 @@ def _dead_letter(items: Sequence[Item], **kwargs: Any) -> None:
         raise _MustRequeue(f"could not dead-letter {len(items)} item(s): {exc!r}") from exc
 
 
-def _finish(stored: Sequence[Row], accepted_at: float) -> None:
-    """Count the stored events, clear their marks and feed the drain rate behind the API's Retry-After.
+def _finish(stored: Sequence[Row], runs: Sequence[_Run], drained: int) -> None:
+    """Count the stored events, clear their marks and feed the drain rate behind the API's Retry-After
+    (``drained``: the messages this run is done with).
 
     Best effort: a mark left behind is re-queued later by recovery and found stored (one read); a lost count
     only skews Retry-After."""
     for kind, count in Counter(row.type for row in stored).items():
         WRITTEN_BY_TYPE[kind].inc(count)  # a row's type is a declared one: parse_queued makes no other
-    if stored:
-        # One observation per message: its events share the moment the API accepted them.
-        EVENT_LAG.observe(max(0.0, time.time() - accepted_at))
+    now = time.time()
+    for run in runs:
+        if run.rows:
+            # One observation per message: its events share the moment the API accepted them.
+            EVENT_LAG.observe(max(0.0, now - run.accepted_at))
     try:
         with clients.redis.pipeline(transaction=False) as pipe:
             pipe.incrby(keys.WRITTEN_TOTAL, len(stored))
-            pipe.incr(keys.DRAINED_MESSAGES)
+            pipe.incrby(keys.DRAINED_MESSAGES, drained)
             Marks.done(pipe, [row.id for row in stored])
             pipe.execute()
     except Exception as exc:  # noqa: BLE001
         log.warning("could not clear the marks of %d stored events: %r", len(stored), exc)
 
 
-@instrumented_task(WRITE_EVENTS)
-def write_events(self: Task[Any, Any], *args: Any, **kwargs: Any) -> int:
-    """Write a batch of events: ``write_events(events, accepted_at=..., request_ids=[...])``; returns how many
-    are stored. Takes ``*args``: a message with the wrong arguments must be dead-lettered, not lost to a
-    TypeError before this body runs."""
+@dataclass(eq=False)
+class _Run:
+    """One message of a run: its arguments, its rows, and whether it is done with (``keep``: acknowledge)."""
+
+    task_id: str
+    retries: int
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    parsed: message.TaskArguments | str
+    rows: list[Row] = field(default_factory=list)
+    #: False: Redis refused a record this message's outcome depends on; it goes back to the queue.
+    keep: bool = True
+    #: Settled (dead-lettered whole, or handed back): nothing of it is written in this run.
+    settled: bool = False
+
+    @property
+    def attempt(self) -> int:
+        return self.retries + 1
+
+    @property
+    def accepted_at(self) -> float:
+        return self.parsed.accepted_at if not isinstance(self.parsed, str) else time.time()
+
+
+def _decode(body: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A task body (JSON ``[args, kwargs, embed]``, or already decoded) as ``(args, kwargs)``; anything else as
+    arguments the message parser refuses, so the message is dead-lettered with its content."""
     try:
-        try:
-            return _write_events(self, args, kwargs)
-        except _MustRequeue:
-            raise
-        except Exception as exc:  # whatever the content, the message ends as a dead letter
-            # Not one of the outcomes above: content this code did not foresee, a bug, or the soft time limit.
-            # Raising would drop the message (Celery rejects a failed task without requeue) and requeueing it
-            # would loop, so its events are dead-lettered, once: each on its own where the arguments say which
-            # (so each leaves the recovery index and is not queued again to fail the same way), else the
-            # message as it came. What of it was already stored stays stored (a replay finds it stored).
-            log.exception("task %s failed on its content; dead-lettering its events", self.request.id)
-            parsed = message.parse_arguments(args, kwargs)
-            reason = f"task failed: {exc!r}"[:1000]
-            items = ([Item(event, reason) for event in parsed.events] if not isinstance(parsed, str) else []) or [
-                Item({"args": args, "kwargs": kwargs}, reason)]  # fmt: skip
-            _dead_letter(items, kind="task_failed", task_id=self.request.id, attempts=self.request.retries + 1)
-            _finish([], time.time())
-            return 0
-    except _MustRequeue as exc:
-        log.error("%s; returning the message to the queue", exc)
-        # Redis is refusing writes (full, or failing over): a pause, or this message would loop hot.
-        time.sleep(1.0)
-        raise Reject(str(exc), requeue=True) from exc
+        decoded = orjson.loads(body) if isinstance(body, str | bytes | bytearray | memoryview) else body
+        args, kwargs = decoded[0], decoded[1]
+    except (orjson.JSONDecodeError, TypeError, IndexError, KeyError) as exc:
+        return (), {"body": repr(body)[:1000], "error": repr(exc)}
+    if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+        return (), {"args": args, "kwargs": kwargs}
+    return tuple(args), kwargs
 
 
-def _write_events(self: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-    started = time.perf_counter()
-    attempt = self.request.retries + 1
-    task_id = self.request.id
-    parsed = message.parse_arguments(args, kwargs)
-    if isinstance(parsed, str):
-        _dead_letter([Item({"args": args, "kwargs": kwargs}, parsed)], kind="malformed_task", task_id=task_id,
-                     attempts=attempt)  # fmt: skip
-        log.error("dead-lettered task %s: %s", task_id, parsed)
-        _finish([], time.time())
-        return 0
-
-    valid: list[Row] = []
-    rejected: list[Item] = []
-    for raw in parsed.events:
-        # The API's own messages are trusted (shape and types checked while converting); anything else, or
-        # an event that does not convert, is validated in full, and refused with the reason if invalid.
-        row = parse_queued(raw) if parsed.trusted else None
-        if row is None:
-            checked = validate_event(raw)
-            if isinstance(checked, list):
-                reason = "; ".join(f"{'.'.join(map(str, e.loc)) or '<event>'}: {e.msg}" for e in checked)
-                rejected.append(Item(raw, f"invalid event: {reason}"))
+def run_batch(jobs: Sequence[tuple[str, Any, int]]) -> list[bool]:
+    """Write the events of several messages in one run (worker/batching.py hands them over): one first-write-
+    wins read and one write for all their events, one Redis pipeline for their marks. Each message ends as it
+    would alone (stored, retried, dead-lettered); returns per message True (acknowledge it) or False (Redis
+    refused a record its outcome depends on: back to the queue). Never raises."""
+    runs = []
+    for task_id, body, retries in jobs:
+        args, kwargs = _decode(body)
+        runs.append(_Run(task_id, retries, args, kwargs, message.parse_arguments(args, kwargs)))
+    try:
+        _write_runs(runs)
+    except Exception as exc:  # whatever the content, the messages end as dead letters
+        # Not one of the outcomes above: content this code did not foresee, a bug, or the soft time limit.
+        # Raising would lose the messages' fate (the pool reports it as a failure) and requeueing them would
+        # loop, so the events of each message not yet done with are dead-lettered, once: each on its own where
+        # the arguments say which (so each leaves the recovery index and is not queued again to fail the same
+        # way), else the message as it came. What of them was already stored stays stored.
+        log.exception("a run of %d messages failed on its content; dead-lettering their events", len(runs))
+        reason = f"task failed: {exc!r}"[:1000]
+        for run in runs:
+            if run.settled:
                 continue
-            row = parse_queued(queued_form(checked))
-            assert row is not None, "the queued form of a valid event always converts"
-        valid.append(row)
-    if rejected:
-        # A message from an older or broken producer must not block the valid events it carries.
-        _dead_letter(rejected, kind="invalid_event", task_id=task_id, attempts=attempt,
-                     accepted_at=parsed.accepted_at)  # fmt: skip
-        log.warning("dead-lettered %d invalid events of task %s", len(rejected), task_id)
+            items = ([Item(event, reason) for event in run.parsed.events] if not isinstance(run.parsed, str)
+                     else []) or [Item({"args": run.args, "kwargs": run.kwargs}, reason)]  # fmt: skip
+            _settle(run, items, kind="task_failed", task_id=run.task_id, attempts=run.attempt)
+        _finish([], [], sum(run.keep for run in runs))
+    if not all(run.keep for run in runs):
+        # Redis is refusing writes (full, or failing over): a pause, or these messages would loop hot.
+        time.sleep(1.0)
+    return [run.keep for run in runs]
 
-    accepted = dt.datetime.fromtimestamp(parsed.accepted_at, dt.UTC)
+
+def _settle(run: _Run, items: Sequence[Item], **kwargs: Any) -> bool:
+    """Dead-letter ``items`` for ``run``; if Redis refuses, the message goes back to the queue whole."""
     try:
-        outcome = clients.writer.write(valid, accepted)
+        _dead_letter(items, **kwargs)
+    except _MustRequeue as exc:
+        log.error("%s; returning message %s to the queue", exc, run.task_id)
+        run.keep, run.settled = False, True
+        return False
+    return True
+
+
+def _write_runs(runs: Sequence[_Run]) -> None:
+    started = time.perf_counter()
+    for run in runs:
+        parsed = run.parsed
+        if isinstance(parsed, str):
+            _settle(run, [Item({"args": run.args, "kwargs": run.kwargs}, parsed)], kind="malformed_task",
+                    task_id=run.task_id, attempts=run.attempt)  # fmt: skip
+            log.error("dead-lettered task %s: %s", run.task_id, parsed)
+            run.settled = True
+            continue
+        rejected: list[Item] = []
+        accepted = dt.datetime.fromtimestamp(parsed.accepted_at, dt.UTC)
+        for raw in parsed.events:
+            # The API's own messages are trusted (shape and types checked while converting); anything else, or
+            # an event that does not convert, is validated in full, and refused with the reason if invalid.
+            row = parse_queued(raw, accepted) if parsed.trusted else None
+            if row is None:
+                checked = validate_event(raw)
+                if isinstance(checked, list):
+                    reason = "; ".join(f"{'.'.join(map(str, e.loc)) or '<event>'}: {e.msg}" for e in checked)
+                    rejected.append(Item(raw, f"invalid event: {reason}"))
+                    continue
+                row = parse_queued(queued_form(checked), accepted)
+                assert row is not None, "the queued form of a valid event always converts"
+            run.rows.append(row)
+        # A message from an older or broken producer must not block the valid events it carries.
+        if rejected:
+            if not _settle(run, rejected, kind="invalid_event", task_id=run.task_id, attempts=run.attempt,
+                           accepted_at=parsed.accepted_at):  # fmt: skip
+                continue
+            log.warning("dead-lettered %d invalid events of task %s", len(rejected), run.task_id)
+
+    live = [run for run in runs if not run.settled]
+    rows = [row for run in live for row in run.rows]
+    try:
+        outcome = clients.writer.write(rows)
     except Exception as exc:  # noqa: BLE001 - e.g. no connection at all: every event failed
-        outcome = WriteOutcome(failed=[(row, exc) for row in valid])
+        outcome = WriteOutcome(failed=[(row, exc) for row in rows])
     took = time.perf_counter() - started
     WRITE_DURATION.observe(took)
 
-    if outcome.conflicts:
-        ids = [row.id for row in outcome.conflicts]
-        _dead_letter(
-            [Item(row.queued, "conflict: this event_id is stored with other content; the first version "
-                  "wins") for row in outcome.conflicts],
-            kind="conflict", task_id=task_id, attempts=attempt, accepted_at=parsed.accepted_at, release_marks=ids,
-        )  # fmt: skip
-        log.warning("refused %d events of task %s: their ids are stored with other content", len(ids), task_id)
+    # Each message's share of the outcome: its conflicts and failures are its own (task id, attempts, retry).
+    owner = {id(row): run for run in live for row in run.rows}
+    conflicts: dict[int, list[Row]] = defaultdict(list)
+    failed: dict[int, list[tuple[Row, Exception]]] = defaultdict(list)
+    for row in outcome.conflicts:
+        conflicts[id(owner[id(row)])].append(row)
+    for row, error in outcome.failed:
+        failed[id(owner[id(row)])].append((row, error))
+    for run in live:
+        assert not isinstance(run.parsed, str)
+        mine = conflicts.get(id(run), [])
+        if mine and not _settle(
+            run,
+            [Item(row.queued, "conflict: this event_id is stored with other content; the first version wins")
+             for row in mine],
+            kind="conflict", task_id=run.task_id, attempts=run.attempt, accepted_at=run.parsed.accepted_at,
+            release_marks=[row.id for row in mine],
+        ):  # fmt: skip
+            continue
+        if mine:
+            log.warning("refused %d events of task %s: their ids are stored with other content", len(mine),
+                        run.task_id)  # fmt: skip
+        if failed.get(id(run)):
+            _retry_or_give_up(run, failed[id(run)])
+    stored_ids = {id(row) for row in outcome.stored}
+    done = [run for run in live if run.keep]
+    _finish([row for run in done for row in run.rows if id(row) in stored_ids], done, sum(run.keep for run in runs))
+    if rows and not outcome.failed:
+        request_ids = [r for run in live if not isinstance(run.parsed, str) for r in run.parsed.request_ids]
+        log.info("wrote %d events of %d messages in %.1f ms", len(outcome.stored), len(live), took * 1000,
+                 extra={"task_ids": [run.task_id for run in live], "request_ids": request_ids})  # fmt: skip
 
-    if outcome.failed:
-        error = outcome.failed[0][1]
-        failed = [row.queued for row, _ in outcome.failed]
-        if self.request.retries >= (self.max_retries or 0):
-            _dead_letter(
-                [Item(event, f"write failed after {attempt} attempts: {exc!r}")
-                 for event, (_, exc) in zip(failed, outcome.failed, strict=True)],
-                kind="write_failed", task_id=task_id, attempts=attempt, accepted_at=parsed.accepted_at,
-            )  # fmt: skip
-            log.error("dead-lettered %d events of task %s after %d attempts: %r", len(failed), task_id, attempt,
-                      error)  # fmt: skip
-        else:
-            countdown = backoff_s(self.request.retries)
-            # Only the failed events travel on: the rest are stored, refused or dead-lettered.
-            retry = message.build(failed, accepted_at=parsed.accepted_at, request_ids=parsed.request_ids,
-                                  retries=self.request.retries + 1, countdown_s=countdown, origin="retry")  # fmt: skip
-            try:
-                clients.marks.requeue(retry, [event["event_id"] for event in failed])
-            except Exception as exc:
-                raise _MustRequeue(f"could not queue the retry of {len(failed)} events: {exc!r}") from exc
-            TASK_RETRIES.inc()
-            log.warning("writing %d of %d events failed (attempt %d), retrying in %.1f s: %r", len(failed),
-                        len(valid), attempt, countdown, error)  # fmt: skip
 
-    _finish(outcome.stored, parsed.accepted_at)
-    if not outcome.failed:
-        log.info("wrote %d events in %.1f ms (task %s, attempt %d)", len(outcome.stored), took * 1000, task_id,
-                 attempt, extra={"task_id": task_id, "request_ids": parsed.request_ids})  # fmt: skip
-    return len(outcome.stored)
+def _retry_or_give_up(run: _Run, failures: list[tuple[Row, Exception]]) -> None:
+    """Failed writes of one message: retried with backoff (a new message with only them), or after the last
+    attempt dead-lettered."""
+    assert not isinstance(run.parsed, str)
+    error = failures[0][1]
+    events = [row.queued for row, _ in failures]
+    if run.retries >= settings.task_max_retries:
+        if _settle(run, [Item(event, f"write failed after {run.attempt} attempts: {exc!r}")
+                         for event, (_, exc) in zip(events, failures, strict=True)],
+                   kind="write_failed", task_id=run.task_id, attempts=run.attempt,
+                   accepted_at=run.parsed.accepted_at):  # fmt: skip
+            log.error("dead-lettered %d events of task %s after %d attempts: %r", len(events), run.task_id,
+                      run.attempt, error)  # fmt: skip
+        return
+    countdown = backoff_s(run.retries)
+    # Only the failed events travel on: the rest are stored, refused or dead-lettered.
+    retry = message.build(events, accepted_at=run.parsed.accepted_at, request_ids=run.parsed.request_ids,
+                          retries=run.retries + 1, countdown_s=countdown, origin="retry")  # fmt: skip
+    try:
+        clients.marks.requeue(retry, [event["event_id"] for event in events])
+    except Exception as exc:  # noqa: BLE001 - Redis refused: the message goes back whole
+        log.error("could not queue the retry of %d events: %r; returning message %s to the queue", len(events),
+                  exc, run.task_id)  # fmt: skip
+        run.keep, run.settled = False, True
+        return
+    TASK_RETRIES.inc()
+    log.warning("writing %d of %d events failed (attempt %d), retrying in %.1f s: %r", len(events), len(run.rows),
+                run.attempt, countdown, error)  # fmt: skip
+
+
+@instrumented_task(WRITE_EVENTS, Strategy="worker.batching:strategy")
+def write_events(self: Task[Any, Any], *args: Any, **kwargs: Any) -> int:
+    """Write a batch of events: ``write_events(events, accepted_at=..., request_ids=[...])``.
+
+    The worker does not run this body: its consumer hands every message of this task to :func:`run_batch`,
+    several at a time (worker/batching.py, this task's ``Strategy``). It serves a direct call (``apply``) with
+    the same code. Takes ``*args``: a message with the wrong arguments must be dead-lettered, not lost to a
+    TypeError before this body runs."""
+    [keep] = run_batch([(str(self.request.id), [list(args), kwargs, None], self.request.retries or 0)])
+    if not keep:
+        raise Reject("Redis refused a record this message's outcome depends on", requeue=True)
+    return 0

@@ -78,13 +78,15 @@ class Row:
     queued: dict[str, Any]
     values: tuple[Any, ...]
     timestamp_us: int
+    #: When the API acknowledged it (the ``accepted_at`` column); None: the writer's default for the call.
+    accepted_at: dt.datetime | None = None
 
     @property
     def id(self) -> str:
         return str(self.queued["event_id"])
 
 
-def parse_queued(raw: Any) -> Row | None:
+def parse_queued(raw: Any, accepted_at: dt.datetime | None = None) -> Row | None:
     """A row from an event in its exact queued form, or None if it is not one (then validate it fully).
 
     Checks shape and types only: the API validated the event before it queued it."""
@@ -112,7 +114,7 @@ def parse_queued(raw: Any) -> Row | None:
     except (ValueError, TypeError, InvalidOperation):
         return None
     values = (occurred.date(), uid, shape.name, listing_id, user_id, occurred, *shape.before, *own, *shape.after)
-    return Row(uid, shape.name, raw, values, write_timestamp_us(occurred))
+    return Row(uid, shape.name, raw, values, write_timestamp_us(occurred), accepted_at)
 
 
 @dataclass
@@ -129,8 +131,9 @@ class EventWriter:
         self.store = store
         self.concurrency = concurrency
 
-    def write(self, rows: Sequence[Row], accepted_at: dt.datetime) -> WriteOutcome:
+    def write(self, rows: Sequence[Row], accepted_at: dt.datetime | None = None) -> WriteOutcome:
         """Store the events unless another version is stored; safe to call again with any of them.
+        ``accepted_at`` is for rows that carry none (rows of several messages each carry their message's).
 
         One failing batch does not fail the others: only the events of failed batches need a retry."""
         outcome = WriteOutcome()
@@ -155,7 +158,7 @@ class EventWriter:
         outcome.failed = [(todo[index], error) for index, error in sorted(failed.items())]
         return outcome
 
-    def write_rows(self, rows: Sequence[Row], accepted_at: dt.datetime) -> dict[int, Exception]:
+    def write_rows(self, rows: Sequence[Row], accepted_at: dt.datetime | None = None) -> dict[int, Exception]:
         """Write the rows to both tables, without the first-write-wins read (the bench's ceiling calls this
         directly); returns the failed rows' indexes and their errors."""
         if not rows:
@@ -164,7 +167,14 @@ class EventWriter:
         # Each row's TTL counts from its event's time (sluice.cassandra.ttl_s): 0, no TTL, without retention.
         statement, retention_s, now_us = self.store.insert_by_listing, self.store.retention_s, time.time_ns() // 1000
         by_listing = [
-            statement.bind((*row.values, accepted_at, row.timestamp_us, ttl_s(row.timestamp_us, retention_s, now_us)))
+            statement.bind(
+                (
+                    *row.values,
+                    row.accepted_at or accepted_at,
+                    row.timestamp_us,
+                    ttl_s(row.timestamp_us, retention_s, now_us),
+                )
+            )
             for row in rows
         ]
         by_id = [_rebind(self.store.insert_by_id, bound) for bound in by_listing]

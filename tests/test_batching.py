@@ -1,0 +1,122 @@
+"""A worker writes the messages that wait for it in few runs (worker/batching.py), and loses none when a run
+is lost: one pool process killed mid-run hands its messages back to the queue."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from cassandra.cluster import Session
+
+from devstack import Profile, Servers
+from loadtests.procs import children_of as children
+from sluice import keys, message
+from sluice.events import EVENT_ADAPTER, queued_form
+from sluice.marks import Marks, mark_value
+from tests.support import Service, start_worker, view, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+DB = 15
+MESSAGES = 60
+
+
+@pytest.fixture
+def db(profile: Profile) -> Iterator[redis.Redis]:
+    client = redis.Redis(port=profile.redis_port, db=DB)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def enqueue(db: redis.Redis, count: int) -> list[str]:
+    """``count`` messages of one event each, published as the API publishes them (message and mark together)."""
+    ids = []
+    marks = Marks(db)
+    for _ in range(count):
+        event = queued_form(EVENT_ADAPTER.validate_python(view()))
+        accepted_at = time.time()
+        marks.enqueue(
+            message.build([event], accepted_at=accepted_at, request_ids=["batching"]),
+            [(event["event_id"], mark_value(event, accepted_at, "f" * 16))],
+        )
+        ids.append(event["event_id"])
+    return ids
+
+
+def worker(profile: Profile, log_dir: Path, name: str, **env: str) -> Service:
+    return start_worker(profile, log_dir, name=name, SLUICE_REDIS_URL=f"redis://127.0.0.1:{profile.redis_port}/{DB}",
+                        **env)  # fmt: skip
+
+
+def stored(cassandra: Session, ids: list[str]) -> int:
+    rows = cassandra.execute(f"SELECT event_id FROM events_by_id WHERE event_id IN ({','.join(ids)})")
+    return len(list(rows))
+
+
+def runs(service: Service) -> list[dict[str, Any]]:
+    """The worker's log lines of its runs (one per run: the events and the messages it wrote)."""
+    lines = [json.loads(line) for line in service.log_text().splitlines() if line.startswith("{")]
+    return [line for line in lines if str(line.get("message", "")).startswith("wrote ")]
+
+
+def settled(db: redis.Redis) -> bool:
+    return db.llen(keys.EVENTS_QUEUE) == 0 and db.hlen(keys.UNACKED) == 0
+
+
+def test_waiting_messages_are_written_together(
+    db: redis.Redis, profile: Profile, log_dir: Path, cassandra: Session
+) -> None:
+    ids = enqueue(db, MESSAGES)  # waiting before the worker starts, as after a burst
+    service = worker(profile, log_dir, "batching-worker")
+    try:
+        wait_until(lambda: stored(cassandra, ids) == MESSAGES, 60, "every event stored")
+        wait_until(lambda: settled(db), 30, "every message acknowledged")
+        done = runs(service)
+        taken = [len(line["task_ids"]) for line in done]
+    finally:
+        service.stop()
+    assert sum(taken) == MESSAGES, taken
+    # One message per run would be 60 runs; two pool processes take what waits while they write.
+    assert len(taken) <= MESSAGES // 4, f"{len(taken)} runs for {MESSAGES} waiting messages: {taken}"
+    assert max(taken) > 1, taken
+    assert not db.hlen(keys.DEAD_LETTERS)
+
+
+def test_a_lost_run_hands_its_messages_back(
+    db: redis.Redis, profile: Profile, log_dir: Path, cassandra: Session, servers: Servers
+) -> None:
+    """Cassandra frozen, so the runs hang; one pool process is killed mid-run: its messages go back to the
+    queue (not held by the worker until it restarts) and are written once Cassandra is back."""
+    service = worker(profile, log_dir, "batching-lost", SLUICE_CASSANDRA_REQUEST_TIMEOUT_S="20")
+    assert servers.cassandra is not None
+    try:
+        wait_until(lambda: len(children(service.proc.pid)) >= 2, 30, "the worker's pool processes")
+        pool = children(service.proc.pid)
+        ids = enqueue(db, 2)  # one run each, written at once
+        wait_until(lambda: stored(cassandra, ids) == 2, 30, "the first events stored")
+        servers.cassandra.signal(signal.SIGSTOP)
+        try:
+            ids += enqueue(db, MESSAGES)
+            # Both processes hang in a run (Cassandra does not answer); the rest waits in the buffer.
+            wait_until(lambda: db.llen(keys.EVENTS_QUEUE) == 0, 30, "the worker to take every message")
+            time.sleep(1)
+            os.kill(pool[0], signal.SIGKILL)
+            time.sleep(1)
+        finally:
+            servers.cassandra.signal(signal.SIGCONT)
+        wait_until(lambda: stored(cassandra, ids) == len(ids), 90, "every event stored")
+        wait_until(lambda: settled(db), 60, "every message acknowledged, none held")
+        log = service.log_text()
+    finally:
+        service.stop()
+    assert "was lost" in log, log[-3000:]
+    assert not db.hlen(keys.DEAD_LETTERS)
