@@ -114,6 +114,7 @@ class BatchingPublisher:
         # After a refused publish, fail fast for a moment rather than pile requests onto a Redis that is away.
         self._unavailable_until = 0.0
         self._last_error = ""
+        self._expiry_logged = 0.0
 
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="sluice-publisher")
@@ -148,6 +149,11 @@ class BatchingPublisher:
         unknown (they are on their way to Redis, and may land)."""
         if item.done.done():  # settled in the same instant
             return item.done.result()
+        now = time.monotonic()
+        if now - self._expiry_logged > 1.0:  # at most a line a second, however many requests expire
+            self._expiry_logged = now
+            log.warning("requests are passing their deadline of %.1f s (%d publishes in flight, %d events waiting)",
+                        self._deadline_s, len(self._in_flight), self._queued_events)  # fmt: skip
         try:
             self._queue.remove(item)
         except ValueError:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from cassandra import ConsistencyLevel
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
 from cassandra.policies import WhiteListRoundRobinPolicy
 
 from devstack import PROJECT
@@ -38,8 +38,19 @@ def node_session(ip: str) -> tuple[Cluster, Session]:
         load_balancing_policy=WhiteListRoundRobinPolicy([ip]), consistency_level=ConsistencyLevel.ONE,
         request_timeout=20,
     )  # fmt: skip
-    cluster = Cluster([ip], execution_profiles={EXEC_PROFILE_DEFAULT: profile}, protocol_version=5)
-    return cluster, cluster.connect("sluice")
+    # A node just back answers CQL while it still replays its commit log and takes hints: its first connections
+    # can time out on a busy machine (seen in CI), so connecting is retried for a while.
+    deadline = time.monotonic() + 90
+    while True:
+        cluster = Cluster([ip], execution_profiles={EXEC_PROFILE_DEFAULT: profile}, protocol_version=5,
+                          connect_timeout=20)  # fmt: skip
+        try:
+            return cluster, cluster.connect("sluice")
+        except NoHostAvailable:
+            cluster.shutdown()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def hint_files(container: str) -> int:
