@@ -326,3 +326,16 @@ def test_occurred_at_must_be_rfc_3339_with_an_offset(value: str) -> None:
 @pytest.mark.parametrize("value", ["2026-11-25T09:30:00Z", "2026-11-25t09:30:00.250z", "2026-11-25T09:30:00.25-05:30"])
 def test_rfc_3339_forms_are_accepted(value: str) -> None:
     assert not isinstance(validate_event(view(occurred_at=value)), list)
+
+
+def test_retries_back_off_exponentially_with_jitter_up_to_the_cap() -> None:
+    """A message whose writes fail waits 1, 2, 4, ... s (each with jitter down to half), up to the cap: workers
+    do not hammer a recovering Cassandra, nor in step."""
+    from worker.tasks import backoff_s, settings
+
+    base, cap = settings.task_retry_backoff_s, settings.task_retry_backoff_max_s
+    for retries in range(12):
+        ceiling = min(cap, base * 2**retries)
+        waits = [backoff_s(retries) for _ in range(50)]
+        assert all(ceiling / 2 <= w <= ceiling for w in waits), (retries, min(waits), max(waits))
+        assert max(waits) - min(waits) > ceiling / 10, "no jitter"

@@ -15,6 +15,7 @@ are read and written together, and each message still ends as it would alone.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import random
 import time
@@ -23,7 +24,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import orjson
 import redis
 from celery import Task
 from celery.exceptions import Reject
@@ -124,12 +124,13 @@ class _Run:
 
 
 def _decode(body: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """A task body (JSON ``[args, kwargs, embed]``, or already decoded) as ``(args, kwargs)``; anything else as
-    arguments the message parser refuses, so the message is dead-lettered with its content."""
+    """A task body (``[args, kwargs, ...]``, as the consumer decoded it, or its JSON) as ``(args, kwargs)``;
+    anything else as arguments the message parser refuses, so the message is dead-lettered with its content."""
     try:
-        decoded = orjson.loads(body) if isinstance(body, str | bytes | bytearray | memoryview) else body
+        # The standard library's JSON, as kombu's: orjson would read an integer over 64 bits as a float.
+        decoded = json.loads(body) if isinstance(body, str | bytes | bytearray) else body
         args, kwargs = decoded[0], decoded[1]
-    except (orjson.JSONDecodeError, TypeError, IndexError, KeyError) as exc:
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
         return (), {"body": repr(body)[:1000], "error": repr(exc)}
     if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
         return (), {"args": args, "kwargs": kwargs}
@@ -173,7 +174,7 @@ def _settle(run: _Run, items: Sequence[Item], **kwargs: Any) -> bool:
     try:
         _dead_letter(items, **kwargs)
     except _MustRequeue as exc:
-        log.error("%s; returning message %s to the queue", exc, run.task_id)
+        log.error("%s; returning the message to the queue (task %s)", exc, run.task_id)
         run.keep, run.settled = False, True
         return False
     return True
@@ -274,8 +275,8 @@ def _retry_or_give_up(run: _Run, failures: list[tuple[Row, Exception]]) -> None:
     try:
         clients.marks.requeue(retry, [event["event_id"] for event in events])
     except Exception as exc:  # noqa: BLE001 - Redis refused: the message goes back whole
-        log.error("could not queue the retry of %d events: %r; returning message %s to the queue", len(events),
-                  exc, run.task_id)  # fmt: skip
+        log.error("could not queue the retry of %d events: %r; returning the message to the queue (task %s)",
+                  len(events), exc, run.task_id)  # fmt: skip
         run.keep, run.settled = False, True
         return
     TASK_RETRIES.inc()
