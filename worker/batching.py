@@ -31,6 +31,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.utils.imports import symbol_by_name
 from celery.utils.time import timezone
+from celery.worker import state as worker_state
 from celery.worker.request import Request, create_request_cls  # type: ignore[attr-defined]
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2  # type: ignore[attr-defined]
 from kombu.asynchronous.timer import to_timestamp
@@ -50,6 +51,11 @@ def _size(request: Request) -> int:
     args = request.args
     events = args[0] if args else request.kwargs.get("events")
     return len(events) if isinstance(events, list) else 1
+
+
+def _stopping() -> bool:
+    # Celery sets these on a warm (should_stop, to the exit code: 0 is a stop too) or cold shutdown.
+    return worker_state.should_stop not in (None, False) or worker_state.should_terminate not in (None, False)
 
 
 class Batcher:
@@ -76,7 +82,10 @@ class Batcher:
         self.flush()
 
     def flush(self) -> None:
-        """Hand the pool runs while it has a free process and messages wait."""
+        """Hand the pool runs while it has a free process and messages wait; none once the worker is stopping
+        (what is buffered then stays unacknowledged, and kombu hands it back as the channel closes)."""
+        if _stopping():
+            return
         while self._buffer and self._in_flight < self._slots:
             batch = self._take()
             self._in_flight += 1
