@@ -21,6 +21,8 @@ from sluice import keys, message
 from sluice.events import EVENT_ADAPTER, queued_form
 from sluice.marks import Marks, mark_value
 from tests.support import Service, start_worker, view, wait_until
+from worker.batching import Batcher
+from worker.tasks import run_batch
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -120,3 +122,70 @@ def test_a_lost_run_hands_its_messages_back(
         service.stop()
     assert "was lost" in log, log[-3000:]
     assert not db.hlen(keys.DEAD_LETTERS)
+
+
+class _Request:
+    """What the batcher reads of a Celery request, and what it does to one (acknowledge, reject)."""
+
+    def __init__(self, events: int) -> None:
+        self.id = f"task-{id(self)}"
+        self.args = ([{"event_id": str(i)} for i in range(events)],)
+        self.kwargs: dict[str, Any] = {}
+        self.request_dict = {"retries": 0}
+        self.fate = ""
+
+    def acknowledge(self) -> None:
+        self.fate = "acked"
+
+    def reject(self, requeue: bool = False) -> None:
+        self.fate = "requeued" if requeue else "dropped"
+
+
+class _Pool:
+    """Runs handed over, completed by the test."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[list[Any], Any, Any]] = []
+
+    def apply_async(self, target: Any, args: tuple[Any, ...], callback: Any, error_callback: Any, **_: Any) -> None:
+        self.runs.append((args[0], callback, error_callback))
+
+
+def test_a_busy_worker_gathers_what_arrives_into_its_next_run() -> None:
+    pool = _Pool()
+    batcher = Batcher(pool, run_batch, slots=1, max_messages=3, max_events=100, limits=(10, 20))
+    first, *rest = [_Request(2) for _ in range(5)]
+    batcher.put(first)
+    assert [len(jobs) for jobs, _, _ in pool.runs] == [1], "an idle worker runs a lone message at once"
+    for request in rest:
+        batcher.put(request)
+    assert len(pool.runs) == 1, "no second run while the only process is busy"
+    _, done, _ = pool.runs[0]
+    done([True])
+    assert first.fate == "acked"
+    assert [len(jobs) for jobs, _, _ in pool.runs] == [1, 3], "the next run takes what waited, up to its bound"
+    _, _, lost = pool.runs[1]
+    lost("WorkerLostError")
+    assert [r.fate for r in rest] == ["requeued"] * 3 + [""], "a lost run hands its messages back"
+    assert [len(jobs) for jobs, _, _ in pool.runs] == [1, 3, 1]
+    _, done, _ = pool.runs[2]
+    done([False])
+    assert rest[-1].fate == "requeued", "a message its run could not settle goes back to the queue"
+
+
+def test_with_a_linger_a_run_waits_for_company_unless_full() -> None:
+    pool = _Pool()
+    timers: list[tuple[float, Any]] = []
+    batcher = Batcher(pool, run_batch, slots=2, max_messages=3, max_events=100, limits=(10, 20), linger_s=0.05,
+                      call_after=lambda seconds, fun: timers.append((seconds, fun)) or object())  # fmt: skip
+    batcher.put(_Request(1))
+    batcher.put(_Request(1))
+    assert not pool.runs, "the oldest message has not waited the linger yet"
+    assert len(timers) == 1, timers
+    assert 0 < timers[0][0] <= 0.05
+    time.sleep(0.06)
+    timers[0][1]()
+    assert [len(jobs) for jobs, _, _ in pool.runs] == [2], "due: both waiting messages in one run"
+    for _ in range(3):
+        batcher.put(_Request(1))
+    assert [len(jobs) for jobs, _, _ in pool.runs] == [2, 3], "a full run goes at once"

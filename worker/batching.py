@@ -24,6 +24,7 @@ strategy, before anything is buffered, so worker/consumer.py dead-letters them a
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -59,10 +60,20 @@ def _stopping() -> bool:
 
 
 class Batcher:
-    """The buffer between the consumer and the pool: runs go out while a pool process is free."""
+    """The buffer between the consumer and the pool: runs go out while a pool process is free, once a run is
+    full or its oldest message has waited ``linger_s``."""
 
     def __init__(
-        self, pool: Any, run: Runner, *, slots: int, max_messages: int, max_events: int, limits: tuple[float, float]
+        self,
+        pool: Any,
+        run: Runner,
+        *,
+        slots: int,
+        max_messages: int,
+        max_events: int,
+        limits: tuple[float, float],
+        linger_s: float = 0.0,
+        call_after: Callable[[float, Callable[[], None]], Any] | None = None,
     ) -> None:
         self._pool = pool
         self._run = run
@@ -70,23 +81,34 @@ class Batcher:
         self._max_messages = max_messages
         self._max_events = max_events
         self._soft, self._hard = limits
-        self._buffer: deque[Request] = deque()
+        self._linger_s = linger_s if call_after is not None else 0.0
+        self._call_after = call_after
+        #: (when it arrived, its events, the request), oldest first.
+        self._buffer: deque[tuple[float, int, Request]] = deque()
+        self._buffered_events = 0
         self._in_flight = 0
+        self._timer: Any = None
 
     @property
     def buffered(self) -> int:
         return len(self._buffer)
 
     def put(self, request: Request) -> None:
-        self._buffer.append(request)
+        size = _size(request)
+        self._buffer.append((time.monotonic(), size, request))
+        self._buffered_events += size
         self.flush()
 
     def flush(self) -> None:
-        """Hand the pool runs while it has a free process and messages wait; none once the worker is stopping
+        """Hand the pool runs while it has a free process and a run is due; none once the worker is stopping
         (what is buffered then stays unacknowledged, and kombu hands it back as the channel closes)."""
         if _stopping():
             return
         while self._buffer and self._in_flight < self._slots:
+            wait = self._due_in()
+            if wait > 0:
+                self._wake_in(wait)
+                return
             batch = self._take()
             self._in_flight += 1
             RUN_MESSAGES.observe(len(batch))
@@ -104,18 +126,38 @@ class Batcher:
                 )
             except BaseException:
                 self._in_flight -= 1
-                self._buffer.extendleft(reversed(batch))
+                for request in reversed(batch):
+                    size = _size(request)
+                    self._buffer.appendleft((time.monotonic(), size, request))
+                    self._buffered_events += size
                 raise
+
+    def _due_in(self) -> float:
+        """Seconds until the next run is due: now once it would be full, else when its oldest message has
+        waited the linger (a worker pays per run far more than per event, so a short wait fills runs)."""
+        if len(self._buffer) >= self._max_messages or self._buffered_events >= self._max_events:
+            return 0.0
+        return self._buffer[0][0] + self._linger_s - time.monotonic()
+
+    def _wake_in(self, seconds: float) -> None:
+        if self._timer is None and self._call_after is not None:
+            self._timer = self._call_after(seconds, self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        self.flush()
 
     def _take(self) -> list[Request]:
         """The oldest messages, up to the bounds (but always at least one)."""
         batch: list[Request] = []
         events = 0
         while self._buffer and len(batch) < self._max_messages:
-            size = _size(self._buffer[0])
+            _, size, request = self._buffer[0]
             if batch and events + size > self._max_events:
                 break
-            batch.append(self._buffer.popleft())
+            self._buffer.popleft()
+            self._buffered_events -= size
+            batch.append(request)
             events += size
         return batch
 
@@ -159,6 +201,8 @@ def strategy(task: Task[Any, Any], app: Celery, consumer: Any, **_: Any) -> Call
         max_messages=settings.worker_batch_messages,
         max_events=settings.worker_batch_events,
         limits=(float(app.conf.task_soft_time_limit), float(app.conf.task_time_limit)),
+        linger_s=settings.worker_linger_ms / 1000,
+        call_after=lambda seconds, fun: consumer.timer.call_after(seconds, fun, priority=5),
     )
     call_at = consumer.timer.call_at
 
