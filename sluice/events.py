@@ -228,7 +228,7 @@ _INSTANT_FORM: Final = re.compile(
 def _fast_queued(raw: Any, context: dict[str, Any] | None) -> dict[str, Any] | None:
     """The queued form of an event in the plain form clients send, without the model: None for anything else
     (the model then decides, and says what is wrong). Never accepts what the model refuses, never queues a
-    value in another form than :func:`queued_form` (tests/test_event_model.py runs both on generated events)."""
+    value in another form than :func:`queued_form` (tests/test_fast_path.py runs both on generated events)."""
     if type(raw) is not dict:
         return None
     kind = raw.get("type")

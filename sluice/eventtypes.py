@@ -83,7 +83,7 @@ class Kind:
     #: The API's fast path (sluice.events.validate_queued): a JSON value in the plain form clients send ->
     #: ``(the value the model would hold, the queued value)``, or None for anything else, which the model then
     #: judges (with its error messages). It may send any value to the model, but must never accept one the
-    #: model refuses, nor queue it in another form (tests/test_event_model.py checks it against the model).
+    #: model refuses, nor queue it in another form (tests/test_fast_path.py checks it against the model).
     fast: Callable[[Any], tuple[Any, Any] | None] = lambda _: None
 
 

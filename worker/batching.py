@@ -6,8 +6,9 @@ So the consumer does not hand each message to the pool on its own, as Celery's d
 strategy keeps the messages it receives in a buffer and hands the pool *all* of them at once whenever a pool
 process is free (up to ``SLUICE_WORKER_BATCH_MESSAGES`` messages and ``SLUICE_WORKER_BATCH_EVENTS`` events
 per run). An idle worker therefore writes a lone message at once, as before; a busy one, whose processes are
-all writing, gathers what arrives meanwhile into the next run. No timer and no linger: the size of a run
-follows the load.
+all writing, gathers what arrives meanwhile into the next run, so the size of a run follows the load. With
+``SLUICE_WORKER_LINGER_MS`` a run also waits, up to that long after its oldest message came, for company: fewer
+and fuller runs at moderate rates, at the price of later readability (never of a later 202).
 
 Delivery is unchanged (sluice/queue.py, ``DELIVERY``): every message stays unacknowledged in Redis until its
 run returns, and is then acknowledged or, when the run says so (Redis refused a record its outcome depends on),
