@@ -13,6 +13,7 @@ from typing import Annotated
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from api.auth import ApiKeys
 from api.backpressure import QueueMonitor
@@ -112,9 +113,19 @@ _bearer = HTTPBearer(auto_error=False, description="An API key from SLUICE_API_K
 async def _authorize(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> str:
+    return authorize(request, credentials.credentials if credentials else None)
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, else None: what :data:`_bearer` reads, for the
+    ingest fast path (api/ingest.py), which runs no dependencies."""
+    scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def authorize(request: Request, token: str | None) -> str:
     """The caller's key id (also kept on ``request.state.key_id``); 401 without a valid key."""
-    resources = _state(request)
-    key_id = resources.api_keys.identify(credentials.credentials) if credentials else None
+    key_id = _state(request).api_keys.identify(token) if token else None
     if key_id is None:
         raise ApiError(
             401,
@@ -182,7 +193,8 @@ async def _charge_one(request: Request, _: Annotated[str, Depends(_authorize)]) 
     charge(request, 1)
 
 
-async def _queue_has_room(request: Request) -> None:
+async def queue_has_room(request: Request) -> None:
+    """503 ``queue_full`` while the queue is over its limit (ingest routes, before the body is read)."""
     monitor = _state(request).monitor
     retry = monitor.retry_after()
     if retry is not None:
@@ -198,7 +210,7 @@ async def _queue_has_room(request: Request) -> None:
 AUTHORIZED = Depends(_authorize)
 RATE_LIMITED = Depends(_charge_one)
 #: Ingest routes: refuse with 503 while the queue is over its limit.
-QUEUE_HAS_ROOM = Depends(_queue_has_room)
+QUEUE_HAS_ROOM = Depends(queue_has_room)
 
 ResourcesDep = Annotated[Resources, Depends(_resources)]
 SettingsDep = Annotated[Settings, Depends(_settings)]

@@ -16,13 +16,13 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_fastapi_instrumentator import Instrumentator
-from prometheus_fastapi_instrumentator import metrics as prom
 from pydantic import TypeAdapter
 
 from api.auth import ApiKeys
 from api.backpressure import QueueMonitor
 from api.deps import CassandraHandle, Resources
 from api.errors import install_error_handlers
+from api.ingest import FastIngest, instrumentator_metrics
 from api.publisher import BatchingPublisher
 from api.ratelimit import RateLimiter
 from api.responses import JSONResponse
@@ -122,13 +122,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(listings.router)
     app.include_router(health.router)
     # HTTP metrics per route template, method and status (one pure-ASGI middleware, no per-request I/O).
+    # (The ingest fast path records the same metrics itself.)
     Instrumentator(
         should_group_status_codes=False, excluded_handlers=["/metrics"], should_instrument_requests_inprogress=False
-    ).add(prom.requests(metric_namespace="sluice")).add(
-        prom.latency(metric_namespace="sluice", buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
-    ).instrument(app)
-    # Outermost: every request, even one refused before routing, gets an id (X-Request-ID, echoed back).
+    ).add(instrumentator_metrics).instrument(app)
+    # Every request, even one refused before routing, gets an id (X-Request-ID, echoed back).
     app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID")
+    if settings.api_fast_ingest:
+        # Outermost: answers the two ingest routes before everything above (api/ingest.py says why).
+        app.add_middleware(FastIngest)
 
     @app.get(
         "/metrics",

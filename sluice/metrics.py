@@ -18,6 +18,17 @@ from sluice.eventtypes import TYPE_NAMES
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
 
+#: Every HTTP request the API answers, by route template (``handler``), method and status: recorded for the
+#: ingest fast path by api/ingest.py and for every other route by the instrumentator (api/main.py).
+HTTP_REQUESTS = Counter(
+    "sluice_http_requests_total", "HTTP requests by route, method and status", ["handler", "method", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "sluice_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route, method and status",
+    ["handler", "method", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
 EVENTS_ACCEPTED = Counter("sluice_events_accepted_total", "Events accepted (202) by the API", ["type"])
 EVENTS_REJECTED = Counter(
     "sluice_events_rejected_total", "Events refused by validation, by type as sent (or 'unknown')", ["type"]
