@@ -126,13 +126,20 @@ def _refuse_duplicate_keys(body: bytes) -> None:
 
 
 def _count_keys(value: Any) -> int:
+    # orjson makes plain dicts and lists only. Most values are scalars: one C-level pass over a container's
+    # value types finds out whether it holds containers at all, before any per-item Python work.
     count = 0
     stack = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, dict):
+        if type(item) is dict:
             count += len(item)
-            stack.extend(v for v in item.values() if isinstance(v, dict | list))
-        elif isinstance(item, list):
-            stack.extend(v for v in item if isinstance(v, dict | list))
+            values: Any = item.values()
+        elif type(item) is list:
+            values = item
+        else:
+            continue
+        kinds = set(map(type, values))
+        if dict in kinds or list in kinds:
+            stack.extend(v for v in values if type(v) is dict or type(v) is list)
     return count

@@ -19,7 +19,7 @@ from api.errors import ApiError, ErrorBody, store_read_failed
 from api.publisher import Overloaded, PublishError
 from api.responses import JSONResponse
 from sluice import keys
-from sluice.events import Event, FieldError, event_id_of, fingerprint, iso_utc_ms, validate_queued
+from sluice.events import Event, FieldError, event_id_of, fingerprint, iso_utc_ms, time_range, validate_queued
 from sluice.eventtypes import REGISTRY, TYPE_NAMES
 from sluice.marks import CONFLICT, NEW, parse_mark
 from sluice.metrics import ACCEPTED_BY_TYPE, REJECTED_BY_TYPE
@@ -227,9 +227,9 @@ async def post_batch(request: Request, settings: SettingsDep, publisher: Publish
     valid: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     all_errors: list[dict[str, Any]] = []
+    context = time_range(settings.max_clock_skew_s, settings.retention_days)
     for index, item in enumerate(items):
-        outcome = validate_queued(item, ("events", index), max_future_s=settings.max_clock_skew_s,
-                                  retention_days=settings.retention_days)  # fmt: skip
+        outcome = validate_queued(item, ("events", index), context=context)
         if isinstance(outcome, list):
             _count_rejected(item)
             errors = [e.model_dump() for e in outcome]
