@@ -30,9 +30,12 @@ def test_every_setting_is_in_the_readme_with_its_default() -> None:
         value = getattr(defaults, name)
         if value is None or field.exclude:
             continue
+        # As it is written in the environment: JSON for a dict, commas for a list, true/false for a flag.
         shown = (
-            json.dumps(value) if isinstance(value, dict) else ",".join(value) if isinstance(value, list) else str(value)
-        )
+            json.dumps(value) if isinstance(value, dict | bool)
+            else ",".join(value) if isinstance(value, list)
+            else str(value)
+        )  # fmt: skip
         row = next(
             line for line in README.splitlines() if line.startswith(f"| `{variable}`") or f", `{variable}`" in line
         )
