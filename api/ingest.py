@@ -15,8 +15,8 @@ the same order and with the same results:
 5. the HTTP metrics (:data:`sluice.metrics.HTTP_REQUESTS`, :data:`~sluice.metrics.HTTP_LATENCY`).
 
 FastAPI still declares both routes, with the same handlers: they make the OpenAPI document, and they answer
-when the app is built with ``fast_ingest=False``. tests/test_fast_ingest.py sends the same requests both
-ways and compares the answers.
+with ``SLUICE_API_FAST_INGEST=false``. tests/test_fast_ingest.py sends the same requests both ways and
+compares the answers.
 """
 
 from __future__ import annotations
@@ -62,11 +62,14 @@ class FastIngest:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"] if scope["type"] == "http" and scope["method"] == "POST" else None
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
         root = scope.get("root_path", "")
-        if path is not None and root and path.startswith(root):
+        if root and path.startswith(root):
             path = path[len(root) :]
-        handler = ROUTES.get(path) if path is not None else None
+        handler = ROUTES.get(path)
         if handler is None:
             await self.app(scope, receive, send)
             return
@@ -82,7 +85,7 @@ class FastIngest:
             await response(scope, receive, send)
         finally:
             correlation_id.reset(token)
-            record_http(path, "POST", status, time.perf_counter() - started)  # type: ignore[arg-type]
+            record_http(path, "POST", status, time.perf_counter() - started)
 
 
 async def _answer(request: Request, handler: Handler) -> Response:
