@@ -165,15 +165,22 @@ class FieldError(BaseModel):
 
 
 def validate_event(
-    raw: Any, loc_prefix: tuple[str | int, ...] = (), *, max_future_s: int | None = None, retention_days: int = 0
+    raw: Any,
+    loc_prefix: tuple[str | int, ...] = (),
+    *,
+    max_future_s: int | None = None,
+    retention_days: int = 0,
+    context: dict[str, Any] | None = None,
 ) -> EventBase | list[FieldError]:
     """Validate one decoded JSON event: the event, or the list of what is wrong with it.
 
     ``max_future_s`` bounds how far ``occurred_at`` may lie ahead of our clock, ``retention_days`` (0: keep
-    forever) how far behind it (the API sets both).
+    forever) how far behind it (the API sets both); ``context``, a :func:`time_range` made once, instead.
     """
+    if context is None:
+        context = time_range(max_future_s, retention_days)
     try:
-        return EVENT_ADAPTER.validate_python(raw, context=time_range(max_future_s, retention_days))
+        return EVENT_ADAPTER.validate_python(raw, context=context)
     except ValidationError as exc:
         return [_field_error(err, loc_prefix) for err in exc.errors(include_url=False, include_input=False)]
 
@@ -289,10 +296,8 @@ def validate_queued(
     fast = _fast_queued(raw, context)
     if fast is not None:
         return fast
-    try:
-        return queued_form(EVENT_ADAPTER.validate_python(raw, context=context))
-    except ValidationError as exc:
-        return [_field_error(err, loc_prefix) for err in exc.errors(include_url=False, include_input=False)]
+    checked = validate_event(raw, loc_prefix, context=context)
+    return checked if isinstance(checked, list) else queued_form(checked)
 
 
 def _field_error(err: Any, loc_prefix: tuple[str | int, ...]) -> FieldError:

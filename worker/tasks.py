@@ -222,16 +222,17 @@ def _write_runs(runs: Sequence[_Run]) -> None:
     WRITE_DURATION.observe(took)
 
     # Each message's share of the outcome: its conflicts and failures are its own (task id, attempts, retry).
+    # Rows compare by value, runs by identity (eq=False): a row is found by its id(), a run is a key itself.
     owner = {id(row): run for run in live for row in run.rows}
-    conflicts: dict[int, list[Row]] = defaultdict(list)
-    failed: dict[int, list[tuple[Row, Exception]]] = defaultdict(list)
+    conflicts: dict[_Run, list[Row]] = defaultdict(list)
+    failed: dict[_Run, list[tuple[Row, Exception]]] = defaultdict(list)
     for row in outcome.conflicts:
-        conflicts[id(owner[id(row)])].append(row)
+        conflicts[owner[id(row)]].append(row)
     for row, error in outcome.failed:
-        failed[id(owner[id(row)])].append((row, error))
+        failed[owner[id(row)]].append((row, error))
     for run in live:
         assert not isinstance(run.parsed, str)
-        mine = conflicts.get(id(run), [])
+        mine = conflicts.get(run, [])
         if mine and not _settle(
             run,
             [Item(row.queued, "conflict: this event_id is stored with other content; the first version wins")
@@ -243,8 +244,8 @@ def _write_runs(runs: Sequence[_Run]) -> None:
         if mine:
             log.warning("refused %d events of task %s: their ids are stored with other content", len(mine),
                         run.task_id)  # fmt: skip
-        if failed.get(id(run)):
-            _retry_or_give_up(run, failed[id(run)])
+        if failed.get(run):
+            _retry_or_give_up(run, failed[run])
     stored_ids = {id(row) for row in outcome.stored}
     done = [run for run in live if run.keep]
     _finish([row for run in done for row in run.rows if id(row) in stored_ids], done, sum(run.keep for run in runs))
