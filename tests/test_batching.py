@@ -21,6 +21,7 @@ from sluice import keys, message
 from sluice.events import EVENT_ADAPTER, queued_form
 from sluice.marks import Marks, mark_value
 from tests.support import Service, start_worker, view, wait_until
+from worker import delivery
 from worker.batching import Batcher
 from worker.tasks import run_batch
 
@@ -173,19 +174,20 @@ def test_a_busy_worker_gathers_what_arrives_into_its_next_run() -> None:
     assert rest[-1].fate == "requeued", "a message its run could not settle goes back to the queue"
 
 
-def test_with_a_linger_a_run_waits_for_company_unless_full() -> None:
+def test_messages_delivered_under_a_hold_leave_in_one_run_and_are_acked_together() -> None:
+    """What the transport relies on (worker/delivery.py): a claim's messages are buffered while it holds runs
+    and leave together when it lets go; a run's acks are sent at the end of the run's callback, in one call."""
     pool = _Pool()
-    timers: list[tuple[float, Any]] = []
-    batcher = Batcher(pool, run_batch, slots=2, max_messages=3, max_events=100, limits=(10, 20), linger_s=0.05,
-                      call_after=lambda seconds, fun: timers.append((seconds, fun)) or object())  # fmt: skip
-    batcher.put(_Request(1))
-    batcher.put(_Request(1))
-    assert not pool.runs, "the oldest message has not waited the linger yet"
-    assert len(timers) == 1, timers
-    assert 0 < timers[0][0] <= 0.05
-    time.sleep(0.06)
-    timers[0][1]()
-    assert [len(jobs) for jobs, _, _ in pool.runs] == [2], "due: both waiting messages in one run"
-    for _ in range(3):
-        batcher.put(_Request(1))
-    assert [len(jobs) for jobs, _, _ in pool.runs] == [2, 3], "a full run goes at once"
+    batcher = Batcher(pool, run_batch, slots=2, max_messages=3, max_events=100, limits=(10, 20))
+    with delivery.runs_held():
+        for _ in range(4):
+            batcher.put(_Request(1))
+        assert not pool.runs, "nothing leaves while the transport holds runs"
+    assert [len(jobs) for jobs, _, _ in pool.runs] == [3, 1], "released: full runs, while processes are free"
+    sent: list[list[str]] = []
+    with delivery.acks_together():
+        assert delivery.deferred(sent.append, "a")
+        assert delivery.deferred(sent.append, "b")
+        assert not sent, "held until the block ends"
+    assert sent == [["a", "b"]]
+    assert not delivery.deferred(sent.append, "c"), "outside a block, an ack goes at once"

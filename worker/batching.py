@@ -6,9 +6,12 @@ So the consumer does not hand each message to the pool on its own, as Celery's d
 strategy keeps the messages it receives in a buffer and hands the pool *all* of them at once whenever a pool
 process is free (up to ``SLUICE_WORKER_BATCH_MESSAGES`` messages and ``SLUICE_WORKER_BATCH_EVENTS`` events
 per run). An idle worker therefore writes a lone message at once, as before; a busy one, whose processes are
-all writing, gathers what arrives meanwhile into the next run, so the size of a run follows the load. With
-``SLUICE_WORKER_LINGER_MS`` a run also waits, up to that long after its oldest message came, for company: fewer
-and fuller runs at moderate rates, at the price of later readability (never of a later 202).
+all writing, gathers what arrives meanwhile into the next run, so the size of a run follows the load. The
+transport (worker/transport.py) takes what waits in the queue in one step and delivers it under a hold
+(worker/delivery.py), so those messages leave in one run too; with ``SLUICE_WORKER_LINGER_MS`` it pauses after
+a message for that long, holding runs, and then takes what arrived meanwhile: fewer and fuller runs at moderate
+rates, at the price of later readability (never of a later 202). A run's acknowledgements go to Redis in one
+round trip.
 
 Delivery is unchanged (sluice/queue.py, ``DELIVERY``): every message stays unacknowledged in Redis until its
 run returns, and is then acknowledged or, when the run says so (Redis refused a record its outcome depends on),
@@ -25,7 +28,6 @@ strategy, before anything is buffered, so worker/consumer.py dead-letters them a
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -33,12 +35,12 @@ from typing import Any
 from celery import Celery, Task
 from celery.utils.imports import symbol_by_name
 from celery.utils.time import timezone
-from celery.worker import state as worker_state
 from celery.worker.request import Request, create_request_cls  # type: ignore[attr-defined]
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2  # type: ignore[attr-defined]
 from kombu.asynchronous.timer import to_timestamp
 
 from sluice.metrics import RUN_MESSAGES
+from worker import delivery
 
 log = logging.getLogger("sluice.worker")
 
@@ -55,14 +57,9 @@ def _size(request: Request) -> int:
     return len(events) if isinstance(events, list) else 1
 
 
-def _stopping() -> bool:
-    # Celery sets these on a warm (should_stop, to the exit code: 0 is a stop too) or cold shutdown.
-    return worker_state.should_stop not in (None, False) or worker_state.should_terminate not in (None, False)
-
-
 class Batcher:
-    """The buffer between the consumer and the pool: runs go out while a pool process is free, once a run is
-    full or its oldest message has waited ``linger_s``."""
+    """The buffer between the consumer and the pool: runs go out while a pool process is free and the transport
+    holds no delivery (worker/delivery.py)."""
 
     def __init__(
         self,
@@ -73,8 +70,6 @@ class Batcher:
         max_messages: int,
         max_events: int,
         limits: tuple[float, float],
-        linger_s: float = 0.0,
-        call_after: Callable[[float, Callable[[], None]], Any] | None = None,
     ) -> None:
         self._pool = pool
         self._run = run
@@ -82,13 +77,11 @@ class Batcher:
         self._max_messages = max_messages
         self._max_events = max_events
         self._soft, self._hard = limits
-        self._linger_s = linger_s if call_after is not None else 0.0
-        self._call_after = call_after
-        #: (when it arrived, its events, the request), oldest first.
-        self._buffer: deque[tuple[float, int, Request]] = deque()
+        #: (its events, the request), oldest first.
+        self._buffer: deque[tuple[int, Request]] = deque()
         self._buffered_events = 0
         self._in_flight = 0
-        self._timer: Any = None
+        delivery.register(self)
 
     @property
     def buffered(self) -> int:
@@ -96,20 +89,17 @@ class Batcher:
 
     def put(self, request: Request) -> None:
         size = _size(request)
-        self._buffer.append((time.monotonic(), size, request))
+        self._buffer.append((size, request))
         self._buffered_events += size
         self.flush()
 
     def flush(self) -> None:
-        """Hand the pool runs while it has a free process and a run is due; none once the worker is stopping
-        (what is buffered then stays unacknowledged, and kombu hands it back as the channel closes)."""
-        if _stopping():
+        """Hand the pool runs while it has a free process; none while the transport holds deliveries (it flushes
+        when it lets go), and none once the worker is stopping (what is buffered then stays unacknowledged, and
+        kombu hands it back as the channel closes)."""
+        if delivery.stopping() or delivery.held():
             return
         while self._buffer and self._in_flight < self._slots:
-            wait = self._due_in()
-            if wait > 0:
-                self._wake_in(wait)
-                return
             batch = self._take()
             self._in_flight += 1
             RUN_MESSAGES.observe(len(batch))
@@ -129,31 +119,16 @@ class Batcher:
                 self._in_flight -= 1
                 for request in reversed(batch):
                     size = _size(request)
-                    self._buffer.appendleft((time.monotonic(), size, request))
+                    self._buffer.appendleft((size, request))
                     self._buffered_events += size
                 raise
-
-    def _due_in(self) -> float:
-        """Seconds until the next run is due: now once it would be full, else when its oldest message has
-        waited the linger (a worker pays per run far more than per event, so a short wait fills runs)."""
-        if len(self._buffer) >= self._max_messages or self._buffered_events >= self._max_events:
-            return 0.0
-        return self._buffer[0][0] + self._linger_s - time.monotonic()
-
-    def _wake_in(self, seconds: float) -> None:
-        if self._timer is None and self._call_after is not None:
-            self._timer = self._call_after(seconds, self._wake)
-
-    def _wake(self) -> None:
-        self._timer = None
-        self.flush()
 
     def _take(self) -> list[Request]:
         """The oldest messages, up to the bounds (but always at least one)."""
         batch: list[Request] = []
         events = 0
         while self._buffer and len(batch) < self._max_messages:
-            _, size, request = self._buffer[0]
+            size, request = self._buffer[0]
             if batch and events + size > self._max_events:
                 break
             self._buffer.popleft()
@@ -170,11 +145,12 @@ class Batcher:
             log.error("a run of %d messages ended without a verdict (%r); returning them to the queue",
                       len(batch), verdicts)  # fmt: skip
             verdicts = [False] * len(batch)
-        for request, keep in zip(batch, verdicts, strict=True):
-            if keep:
-                request.acknowledge()
-            else:
-                request.reject(requeue=True)
+        with delivery.acks_together():
+            for request, keep in zip(batch, verdicts, strict=True):
+                if keep:
+                    request.acknowledge()
+                else:
+                    request.reject(requeue=True)
         self.flush()
 
     def _lost(self, batch: list[Request], exc_info: Any) -> None:
@@ -202,8 +178,6 @@ def strategy(task: Task[Any, Any], app: Celery, consumer: Any, **_: Any) -> Call
         max_messages=settings.worker_batch_messages,
         max_events=settings.worker_batch_events,
         limits=(float(app.conf.task_soft_time_limit), float(app.conf.task_time_limit)),
-        linger_s=settings.worker_linger_ms / 1000,
-        call_after=lambda seconds, fun: consumer.timer.call_after(seconds, fun, priority=5),
     )
     call_at = consumer.timer.call_at
 

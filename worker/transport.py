@@ -14,6 +14,18 @@ the reason (kind ``malformed_message``) instead of raising. Checks that need the
 :class:`GuardedMessage` (kombu's ``Channel.Message`` class attribute, another kombu hook), which kombu builds
 before it records the delivery, so a refused envelope is never in the unacknowledged set either.
 
+**Bulk claims.** kombu pays three Redis round trips per message: the ``BRPOP``, a pipeline that records the
+delivery in the unacknowledged set (``QoS.append``), and another that removes it on the ack. Here, once
+``BRPOP`` has returned a message, one script (:data:`CLAIM`) records it and takes up to the prefetch room of
+further waiting messages off the queue, recording each in kombu's unacknowledged set *in the same step*; they
+are delivered under a hold (worker/delivery.py), so they leave in one run, and a run's acks go in one pipeline
+(:meth:`ClaimingQoS.ack_many`). The records are kombu's own (the same hash and index, the same value), so kombu's
+restore, the visibility timeout and worker/app.py's ``RestoreUnacked`` treat them as ever; and a claimed message
+is never in neither place, as one is between kombu's ``BRPOP`` and its ``QoS.append``. With
+``SLUICE_WORKER_LINGER_MS`` the channel then pauses (it sends no ``BRPOP``) for that long, holding runs, and
+claims what arrived meanwhile: at moderate rates, one claim, one run and one ack per linger instead of three
+round trips and a run per message.
+
 Only the consuming path (``BRPOP``) is guarded; ``basic_get`` (``_get``), which Celery's worker does not use,
 is kombu's. Selected by ``broker_transport`` in worker/app.py (:func:`transport_for`: the Sentinel variant for a
 ``sentinel://`` URL); producers (the API, the tests) do not need it.
@@ -29,18 +41,68 @@ from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.transport.virtual import Message as KombuMessage
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
+from redis.commands.core import Script
 
 from sluice import deadletters
 from sluice.deadletters import Item, raw_message
 from sluice.settings import get_settings
+from worker import delivery
 
 log = logging.getLogger("sluice.worker")
 
 #: The dead-letter kind of a message kombu could not read (its record holds the raw bytes).
 KIND = "malformed_message"
+
+
+#: Records the message ``BRPOP`` took (ARGV 5 and 6: its delivery tag and kombu's record of it, if given), then
+#: takes up to ARGV 2 more messages off the list KEYS[1], recording each in kombu's unacknowledged hash KEYS[2]
+#: and its index KEYS[3] (score: ARGV 1, the time) as kombu's ``QoS.append`` would, and returns
+#: ``[item, tag, item, tag, ...]`` (tag "" when the item is not an envelope it can record: Python reads it, and
+#: kombu records it if it can be delivered at all). Each item is recorded before it is popped, so a write Redis
+#: refuses (out of memory) leaves it on the queue. At most ARGV 3 bytes are taken, and an item over ARGV 4 bytes
+#: is left where it is (``BRPOP`` takes it next): Redis decodes what it records, and must not stall on it.
+CLAIM = Script(
+    None,  # type: ignore[arg-type]  # no default client: each call names the channel's
+    b"""
+local now, room, budget, largest = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if ARGV[5] then
+  redis.call('ZADD', KEYS[3], now, ARGV[5])
+  redis.call('HSET', KEYS[2], ARGV[5], ARGV[6])
+end
+local out, bytes = {}, 0
+while #out < 2 * room and bytes < budget do
+  local item = redis.call('LINDEX', KEYS[1], -1)
+  if not item or #item > largest then break end
+  local tag = ''
+  local ok, envelope = pcall(cjson.decode, item)
+  if ok and type(envelope) == 'table' and type(envelope['properties']) == 'table' then
+    local properties = envelope['properties']
+    local info, t = properties['delivery_info'], properties['delivery_tag']
+    if type(t) == 'string' and t ~= '' and type(info) == 'table'
+        and type(info['exchange']) == 'string' and type(info['routing_key']) == 'string' then
+      tag = t
+      redis.call('ZADD', KEYS[3], now, tag)
+      redis.call('HSET', KEYS[2], tag,
+        '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
+    end
+  end
+  redis.call('RPOP', KEYS[1])
+  bytes = bytes + #item
+  out[#out + 1] = item
+  out[#out + 1] = tag
+end
+return out
+""",
+)
+#: Bounds of one claim: Redis decodes each message it records, so a claim stays small for it (a few ms at most).
+CLAIM_BYTES = 4 << 20
+CLAIM_ITEM_BYTES = 512 << 10
+#: Messages one claim takes when kombu sets no prefetch limit.
+CLAIM_MESSAGES = 256
 
 
 class QueueKeyNotAList(RuntimeError):
@@ -107,15 +169,64 @@ class GuardedMessage(KombuMessage):
             raise PoisonMessage(f"kombu cannot read the body: {self.errors[0][1]!r}")
 
 
+class ClaimingQoS(kombu_redis.QoS):
+    """kombu's Redis QoS, knowing what :data:`CLAIM` already recorded, and acknowledging a run's messages in one
+    pipeline (worker/delivery.py)."""
+
+    channel: Channel
+
+    def can_consume(self) -> bool:
+        # A lingering channel sends no BRPOP until it has claimed what arrived meanwhile.
+        return not self.channel.lingering and bool(super().can_consume())
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if self.channel.recorded.pop(delivery_tag, None) is not None:
+            virtual.QoS.append(self, message, delivery_tag)  # the claim wrote Redis's record: this process's only
+        else:
+            super().append(message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        if not delivery.deferred(self.ack_many, delivery_tag):
+            super().ack(delivery_tag)
+
+    def forget(self, tags: list[str]) -> None:
+        """Remove the records of these deliveries (kombu's ``_remove_from_indices``, for many at once)."""
+        with self.pipe_or_acquire() as pipe:
+            pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
+
+    def ack_many(self, tags: list[str]) -> None:
+        """Remove the records in one round trip. If Redis refuses, they stay there and kombu's restore hands the
+        messages out again after the visibility timeout (the write is idempotent); this process lets go of them
+        either way, or each would hold a prefetch slot for good."""
+        try:
+            self.forget(tags)
+        except Exception as exc:  # noqa: BLE001 - Redis away: see the docstring
+            log.error("could not acknowledge %d messages: %r; they are handed out again after the visibility "
+                      "timeout", len(tags), exc)  # fmt: skip
+        for tag in tags:
+            virtual.QoS.ack(self, tag)
+
+
 class Channel(kombu_redis.Channel):
     Message = GuardedMessage
+    QoS = ClaimingQoS
+    qos: ClaimingQoS
     #: The raw bytes of the message being delivered, while it is (see :class:`GuardedMessage`).
     delivering: bytes | None = None
+    #: Delivery tags :data:`CLAIM` recorded in Redis, until kombu's ``QoS.append`` sees them.
+    recorded: dict[str, bool]
+    #: True while the channel waits for a linger to end (no BRPOP meanwhile).
+    lingering = False
     connection_errors: tuple[type[BaseException], ...]
     _queue_cycle: Any
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.recorded = {}
+        self.linger_s = get_settings().worker_linger_ms / 1000
+        super().__init__(*args, **kwargs)
+
     def _brpop_read(self, **options: Any) -> bool:
-        # kombu 5's _brpop_read, with the parse and the delivery guarded (see the module's doc).
+        # kombu 5's _brpop_read, with the parse and the delivery guarded and the claim (see the module's doc).
         try:
             try:
                 dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
@@ -127,23 +238,111 @@ class Channel(kombu_redis.Channel):
                 _wrong_type(exc)
                 raise
             if dest__item:
-                dest, item = dest__item
-                dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+                key, item = dest__item
+                dest = bytes_to_str(key).rsplit(self.sep, 1)[0]
                 self._queue_cycle.rotate(dest)
                 payload = self._parse(dest, item)
-                if payload is not None:
-                    # Delivery is synchronous: the message kombu builds from the payload now takes these bytes.
-                    self.delivering = item
-                    try:
-                        self.connection._deliver(payload, dest)
-                    except PoisonMessage as exc:
-                        self._dead_letter(dest, item, str(exc))
-                    finally:
-                        self.delivering = None
+                first = None
+                if payload is not None and envelope_problem(payload) is None:
+                    first = (payload["properties"]["delivery_tag"], _record(item, payload))
+                room = self._room() - 1
+                with delivery.runs_held():
+                    claimed = self._claim(key, room, first)
+                    if payload is not None:
+                        self._deliver(dest, item, payload, first[0] if first and claimed is not None else None)
+                    self._deliver_claimed(key, dest, claimed or [])
+                if self.linger_s > 0 and claimed is not None and len(claimed) < room:
+                    self._linger(key, dest)
                 return True
             raise Empty()
         finally:
             self._in_poll = None
+
+    def _room(self) -> int:
+        room = self.qos.can_consume_max_estimate()
+        return CLAIM_MESSAGES if room is None else int(room)
+
+    def _claim(self, key: bytes, room: int, first: tuple[str, bytes] | None) -> list[tuple[bytes, str]] | None:
+        """Record ``first`` and take up to ``room`` more messages (:data:`CLAIM`); None if Redis refused (the
+        first is then recorded by kombu, as it would be without the claim)."""
+        args: list[Any] = [repr(time.time()), max(0, room), CLAIM_BYTES, CLAIM_ITEM_BYTES]
+        if first is not None:
+            args += first
+        try:
+            with self.conn_or_acquire() as client:
+                flat = CLAIM(keys=[key, self.unacked_key, self.unacked_index_key], args=args, client=client)
+        except redis.RedisError as exc:
+            log.warning("could not claim waiting messages: %r", exc)
+            return None
+        return [(flat[i], bytes_to_str(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    def _deliver_claimed(self, key: bytes, dest: str, claimed: list[tuple[bytes, str]]) -> None:
+        for done, (item, tag) in enumerate(claimed):
+            try:
+                payload = self._parse(dest, item)
+                if payload is None:
+                    self._forget(tag)
+                else:
+                    self._deliver(dest, item, payload, tag or None)
+            except BaseException:
+                # Those not delivered go back to the queue now, not after the visibility timeout.
+                for _, left in claimed[done + 1 :]:
+                    if left:
+                        self._hand_back(left)
+                raise
+
+    def _deliver(self, dest: str, item: bytes, payload: Any, tag: str | None) -> None:
+        """Hand one message to kombu (which calls Celery's consumer); ``tag``: its record is already in Redis."""
+        if tag:
+            self.recorded[tag] = True
+        # Delivery is synchronous: the message kombu builds from the payload now takes these bytes.
+        self.delivering = item
+        try:
+            self.connection._deliver(payload, dest)
+        except PoisonMessage as exc:
+            self._forget(tag)
+            self._dead_letter(dest, item, str(exc))
+        finally:
+            self.delivering = None
+            if tag:
+                self.recorded.pop(tag, None)
+
+    def _forget(self, tag: str | None) -> None:
+        """Drop the record of a claimed message that was dead-lettered instead of delivered."""
+        if not tag:
+            return
+        try:
+            self.qos.forget([tag])
+        except redis.RedisError as exc:  # restored after the visibility timeout: dead-lettered once more
+            log.warning("could not drop the record of a dead-lettered message: %r", exc)
+
+    def _hand_back(self, tag: str) -> None:
+        try:
+            self.qos.restore_by_tag(tag, leftmost=False)
+        except redis.RedisError as exc:
+            log.warning("could not hand back a claimed message: %r; it is restored after the visibility timeout",
+                        exc)  # fmt: skip
+
+    def _linger(self, key: bytes, dest: str) -> None:
+        """Send no BRPOP for ``linger_s`` and hold runs; then claim what arrived meanwhile (on kombu's event loop:
+        without one, as in ``drain_events``, there is no linger)."""
+        loop = getattr(self.connection, "event_loop", None)
+        if loop is None:
+            return
+        self.lingering = True
+        delivery.hold()
+
+        def end() -> None:
+            try:
+                self.lingering = False
+                if not self.closed and not delivery.stopping():
+                    self._deliver_claimed(key, dest, self._claim(key, self._room(), None) or [])
+            except Exception:  # a timer must not end the loop: the next BRPOP carries on
+                log.exception("the claim after a linger failed")
+            finally:
+                delivery.release()
+
+        loop.call_later(self.linger_s, end)
 
     def _size(self, queue: str) -> int:
         # Where a worker first touches the queue key (declaring the queue): see _wrong_type.
@@ -189,7 +388,24 @@ class Channel(kombu_redis.Channel):
         log.error("dead-lettered a malformed message of %d bytes (sha256 %s): %s", len(item), digest, reason)
 
 
-class Transport(kombu_redis.Transport):
+def _record(item: bytes, payload: dict[str, Any]) -> bytes:
+    """kombu's record of a delivered message (``[envelope, exchange, routing_key]``, as ``QoS.append`` writes
+    it), with the envelope's bytes as they came: they parsed, so they are JSON, and kombu's restore reads them."""
+    info = payload["properties"]["delivery_info"]
+    return b"[" + item + b"," + dumps(info["exchange"]).encode() + b"," + dumps(info["routing_key"]).encode() + b"]"
+
+
+class _WithLoop:
+    """Keeps the event loop the transport is registered with: a channel's linger ends on its timer."""
+
+    event_loop: Any = None
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        self.event_loop = loop
+        super().register_with_event_loop(connection, loop)  # type: ignore[misc]
+
+
+class Transport(_WithLoop, kombu_redis.Transport):
     Channel = Channel
 
 
@@ -198,7 +414,7 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
     its Redis differs, and ``_brpop_read`` is the one both inherit from kombu's Redis channel."""
 
 
-class SentinelTransport(kombu_redis.SentinelTransport):
+class SentinelTransport(_WithLoop, kombu_redis.SentinelTransport):
     Channel = SentinelChannel
 
 
