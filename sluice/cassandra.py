@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, ResponseFuture, Session
 from cassandra.concurrent import execute_concurrent_with_args
 from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy, TokenAwarePolicy
-from cassandra.query import PreparedStatement
+from cassandra.query import PreparedStatement, named_tuple_factory
 
 from sluice.events import iso_utc_ms
 from sluice.eventtypes import BY_NAME, COMMON_FIELDS, TYPE_FIELDS
@@ -137,6 +138,20 @@ def ttl_s(timestamp_us: int, retention_s: int, now_us: int) -> int:
     return max(1, -((now_us - timestamp_us - retention_s * 1_000_000) // 1_000_000))
 
 
+@functools.lru_cache(maxsize=64)
+def _row_class(columns: tuple[str, ...]) -> Any:
+    # The driver's own class for these columns (its name cleaning and fallbacks), taken from a one-row result.
+    return type(named_tuple_factory(list(columns), [tuple(range(len(columns)))])[0])
+
+
+def row_factory(columns: list[str], rows: list[tuple[Any, ...]]) -> list[Any]:
+    """Rows as named tuples, as the driver's default factory makes them, but with one class per column list:
+    the driver builds a new namedtuple class for every result set, which cost a worker 2 % of its CPU at
+    1,000 single events/s (one read per run)."""
+    row = _row_class(tuple(columns))
+    return [row(*values) for values in rows]
+
+
 def connect(settings: Settings, *, keyspace: str | None = None) -> tuple[Cluster, Session]:
     """A cluster and session configured from settings; blocking, so call it off the event loop."""
     lb_policy = TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=settings.cassandra_local_dc))
@@ -144,6 +159,7 @@ def connect(settings: Settings, *, keyspace: str | None = None) -> tuple[Cluster
         load_balancing_policy=lb_policy,
         consistency_level=getattr(ConsistencyLevel, settings.cassandra_consistency),
         request_timeout=settings.cassandra_request_timeout_s,
+        row_factory=row_factory,
     )
     auth = None
     if settings.cassandra_username and settings.cassandra_password:

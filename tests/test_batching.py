@@ -125,6 +125,33 @@ def test_a_lost_run_hands_its_messages_back(
     assert not db.hlen(keys.DEAD_LETTERS)
 
 
+def test_a_lingering_worker_writes_a_lone_message_at_once_and_a_stream_in_few_runs(
+    db: redis.Redis, profile: Profile, log_dir: Path, cassandra: Session
+) -> None:
+    """With a linger, the transport waits only when messages come more often than the linger: a lone message
+    on a quiet worker is written at once; a stream is claimed and written in runs of many (without the linger,
+    a worker with a free process writes each message of a slow stream alone)."""
+    linger_s = 5.0
+    service = worker(profile, log_dir, "batching-linger", SLUICE_WORKER_LINGER_MS=str(int(linger_s * 1000)))
+    try:
+        lone = enqueue(db, 1)
+        began = time.monotonic()
+        wait_until(lambda: stored(cassandra, lone) == 1, 30, "the lone event stored")
+        assert time.monotonic() - began < linger_s - 1, "a quiet worker does not wait for company"
+        stream: list[str] = []
+        for _ in range(40):  # 20 messages/s: one every 50 ms, far more often than the linger
+            stream += enqueue(db, 1)
+            time.sleep(0.05)
+        wait_until(lambda: stored(cassandra, stream) == len(stream), 60, "the stream stored")
+        wait_until(lambda: settled(db), 30, "every message acknowledged")
+        taken = [len(line["task_ids"]) for line in runs(service)]
+    finally:
+        service.stop()
+    assert taken[0] == 1, taken
+    assert sum(taken[1:]) == len(stream), taken
+    assert len(taken[1:]) <= 4, f"{len(taken) - 1} runs for a stream of {len(stream)} messages: {taken}"
+
+
 class _Request:
     """What the batcher reads of a Celery request, and what it does to one (acknowledge, reject)."""
 

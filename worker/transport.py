@@ -24,7 +24,8 @@ restore, the visibility timeout and worker/app.py's ``RestoreUnacked`` treat the
 is never in neither place, as one is between kombu's ``BRPOP`` and its ``QoS.append``. With
 ``SLUICE_WORKER_LINGER_MS`` the channel then pauses (it sends no ``BRPOP``) for that long, holding runs, and
 claims what arrived meanwhile: at moderate rates, one claim, one run and one ack per linger instead of three
-round trips and a run per message.
+round trips and a run per message. It lingers only while messages come more often than the linger (the one
+before was taken less than a linger ago), so a quiet worker writes a lone message at once.
 
 Only the consuming path (``BRPOP``) is guarded; ``basic_get`` (``_get``), which Celery's worker does not use,
 is kombu's. Selected by ``broker_transport`` in worker/app.py (:func:`transport_for`: the Sentinel variant for a
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from queue import Empty
 from typing import Any
@@ -223,6 +225,8 @@ class Channel(kombu_redis.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.recorded = {}
         self.linger_s = get_settings().worker_linger_ms / 1000
+        #: When the channel last took messages (monotonic): a linger is only worth it when they come often.
+        self.taken_at = -math.inf
         super().__init__(*args, **kwargs)
 
     def _brpop_read(self, **options: Any) -> bool:
@@ -251,7 +255,12 @@ class Channel(kombu_redis.Channel):
                     if payload is not None:
                         self._deliver(dest, item, payload, first[0] if first and claimed is not None else None)
                     self._deliver_claimed(key, dest, claimed or [])
-                if self.linger_s > 0 and claimed is not None and len(claimed) < room:
+                # What was just taken is written at once (the hold ended above); a linger holds what comes next.
+                # Only when messages come more often than the linger (the previous one was taken less than a
+                # linger ago): else it would claim nothing, at the cost of a round trip. Not after a full claim.
+                now, previous = time.monotonic(), self.taken_at
+                self.taken_at = now
+                if 0 < now - previous < self.linger_s and claimed is not None and len(claimed) < room:
                     self._linger(key, dest)
                 return True
             raise Empty()
@@ -337,6 +346,7 @@ class Channel(kombu_redis.Channel):
                 self.lingering = False
                 if not self.closed and not delivery.stopping():
                     self._deliver_claimed(key, dest, self._claim(key, self._room(), None) or [])
+                    self.taken_at = time.monotonic()
             except Exception:  # a timer must not end the loop: the next BRPOP carries on
                 log.exception("the claim after a linger failed")
             finally:
