@@ -182,7 +182,8 @@ class ClaimingQoS(kombu_redis.QoS):
         return not self.channel.lingering and bool(super().can_consume())
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        if self.channel.recorded.pop(delivery_tag, None) is not None:
+        if delivery_tag in self.channel.recorded:
+            self.channel.recorded.discard(delivery_tag)
             virtual.QoS.append(self, message, delivery_tag)  # the claim wrote Redis's record: this process's only
         else:
             super().append(message, delivery_tag)
@@ -216,14 +217,14 @@ class Channel(kombu_redis.Channel):
     #: The raw bytes of the message being delivered, while it is (see :class:`GuardedMessage`).
     delivering: bytes | None = None
     #: Delivery tags :data:`CLAIM` recorded in Redis, until kombu's ``QoS.append`` sees them.
-    recorded: dict[str, bool]
+    recorded: set[str]
     #: True while the channel waits for a linger to end (no BRPOP meanwhile).
     lingering = False
     connection_errors: tuple[type[BaseException], ...]
     _queue_cycle: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.recorded = {}
+        self.recorded = set()
         self.linger_s = get_settings().worker_linger_ms / 1000
         #: When the channel last took messages (monotonic): a linger is only worth it when they come often.
         self.taken_at = -math.inf
@@ -303,7 +304,7 @@ class Channel(kombu_redis.Channel):
     def _deliver(self, dest: str, item: bytes, payload: Any, tag: str | None) -> None:
         """Hand one message to kombu (which calls Celery's consumer); ``tag``: its record is already in Redis."""
         if tag:
-            self.recorded[tag] = True
+            self.recorded.add(tag)
         # Delivery is synchronous: the message kombu builds from the payload now takes these bytes.
         self.delivering = item
         try:
@@ -314,7 +315,7 @@ class Channel(kombu_redis.Channel):
         finally:
             self.delivering = None
             if tag:
-                self.recorded.pop(tag, None)
+                self.recorded.discard(tag)
 
     def _forget(self, tag: str | None) -> None:
         """Drop the record of a claimed message that was dead-lettered instead of delivered."""
