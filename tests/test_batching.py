@@ -218,3 +218,12 @@ def test_messages_delivered_under_a_hold_leave_in_one_run_and_are_acked_together
         assert not sent, "held until the block ends"
     assert sent == [["a", "b"]]
     assert not delivery.deferred(sent.append, "c"), "outside a block, an ack goes at once"
+    # A linger's hold ends by itself at its deadline, even if nothing releases it (a consumer restarted on a
+    # lost connection drops the timer that would): later runs are never kept from the pool.
+    delivery.hold_until(time.monotonic() + 0.05)
+    batcher.put(_Request(1))
+    assert len(pool.runs) == 2, "held"
+    time.sleep(0.06)
+    assert not delivery.held()
+    pool.runs[0][1]([True, True, True])  # a run ends: the batcher flushes
+    assert [len(jobs) for jobs, _, _ in pool.runs] == [3, 1, 1]

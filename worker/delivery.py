@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -32,39 +33,51 @@ class _Flushable(Protocol):
 
 
 _holders: weakref.WeakSet[Any] = weakref.WeakSet()
-_held = 0
+#: ``runs_held`` blocks under way (on the consumer's stack, so always released).
+_depth = 0
+#: A linger's hold, until this time (monotonic) at the latest: a deadline, not a count, because the timer that
+#: ends a linger is dropped when Celery's consumer restarts on a lost connection, and a hold that outlived it
+#: would keep every later run from the pool.
+_until = 0.0
 
 
 def register(batcher: _Flushable) -> None:
-    """A batcher to flush when the last hold is released."""
+    """A batcher to flush when a hold ends."""
     _holders.add(batcher)
 
 
 def held() -> bool:
-    return _held > 0
+    return _depth > 0 or time.monotonic() < _until
 
 
-def hold() -> None:
-    global _held
-    _held += 1
+def hold_until(deadline: float) -> None:
+    """Hold runs until ``deadline`` (monotonic) or :func:`release`, whichever comes first."""
+    global _until
+    _until = deadline
 
 
 def release() -> None:
-    """Release one hold; the last one hands what was buffered meanwhile to the pool."""
-    global _held
-    _held = max(0, _held - 1)
-    if not _held:
+    """End a linger's hold now; what was buffered meanwhile goes to the pool."""
+    global _until
+    _until = 0.0
+    _flush()
+
+
+def _flush() -> None:
+    if not held():
         for batcher in list(_holders):
             batcher.flush()
 
 
 @contextlib.contextmanager
 def runs_held() -> Iterator[None]:
-    hold()
+    global _depth
+    _depth += 1
     try:
         yield
     finally:
-        release()
+        _depth -= 1
+        _flush()
 
 
 _acks = threading.local()

@@ -178,8 +178,9 @@ class ClaimingQoS(kombu_redis.QoS):
     channel: Channel
 
     def can_consume(self) -> bool:
-        # A lingering channel sends no BRPOP until it has claimed what arrived meanwhile.
-        return not self.channel.lingering and bool(super().can_consume())
+        # A lingering channel sends no BRPOP until it has claimed what arrived meanwhile (or, should the timer
+        # that ends the linger be dropped with a restarting consumer, until its backstop deadline).
+        return time.monotonic() >= self.channel.linger_until and bool(super().can_consume())
 
     def append(self, message: Any, delivery_tag: str) -> None:
         if delivery_tag in self.channel.recorded:
@@ -218,8 +219,8 @@ class Channel(kombu_redis.Channel):
     delivering: bytes | None = None
     #: Delivery tags :data:`CLAIM` recorded in Redis, until kombu's ``QoS.append`` sees them.
     recorded: set[str]
-    #: True while the channel waits for a linger to end (no BRPOP meanwhile).
-    lingering = False
+    #: Until when (monotonic) the channel waits for a linger to end (no BRPOP meanwhile).
+    linger_until = 0.0
     connection_errors: tuple[type[BaseException], ...]
     _queue_cycle: Any
 
@@ -339,12 +340,14 @@ class Channel(kombu_redis.Channel):
         loop = getattr(self.connection, "event_loop", None)
         if loop is None:
             return
-        self.lingering = True
-        delivery.hold()
+        # The timer below ends the linger; the deadline is a backstop for a timer dropped with a restarting
+        # consumer, late enough that it never races the timer.
+        self.linger_until = time.monotonic() + 2 * self.linger_s + 1.0
+        delivery.hold_until(self.linger_until)
 
         def end() -> None:
             try:
-                self.lingering = False
+                self.linger_until = 0.0
                 if not self.closed and not delivery.stopping():
                     self._deliver_claimed(key, dest, self._claim(key, self._room(), None) or [])
                     self.taken_at = time.monotonic()
