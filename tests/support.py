@@ -6,11 +6,12 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import redis
 from cassandra.cluster import Session
 from cassandra.query import ValueSequence
 
@@ -38,6 +39,16 @@ def booking(**overrides: Any) -> dict[str, Any]:
         "currency": "EUR",
     }
     return event | overrides
+
+
+def flushed_db(profile: Profile, db: int) -> Iterator[redis.Redis]:
+    """A client of one database of the test Redis, emptied before and after the test (for a fixture to
+    ``yield from``)."""
+    client = redis.Redis(port=profile.redis_port, db=db)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, every: float = 0.1) -> None:

@@ -20,7 +20,7 @@ from loadtests.procs import children_of as children
 from sluice import keys, message
 from sluice.events import EVENT_ADAPTER, queued_form
 from sluice.marks import Marks, mark_value
-from tests.support import Service, start_worker, view, wait_until
+from tests.support import Service, flushed_db, start_worker, view, wait_until
 from worker import delivery
 from worker.batching import Batcher
 from worker.tasks import run_batch
@@ -33,11 +33,7 @@ MESSAGES = 60
 
 @pytest.fixture
 def db(profile: Profile) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=profile.redis_port, db=DB)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    yield from flushed_db(profile, DB)
 
 
 def enqueue(db: redis.Redis, count: int) -> list[str]:

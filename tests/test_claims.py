@@ -16,6 +16,7 @@ from devstack import Profile, Servers
 from sluice import keys
 from sluice.queue import make_celery
 from sluice.settings import get_settings
+from tests.support import flushed_db
 from tests.test_batching import enqueue
 from worker import delivery
 from worker.transport import CLAIM_ITEM_BYTES, Transport
@@ -27,11 +28,7 @@ DB = 14
 
 @pytest.fixture
 def db(servers: Servers, profile: Profile) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=profile.redis_port, db=DB)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    yield from flushed_db(profile, DB)
 
 
 def exec_calls(db: redis.Redis) -> int:

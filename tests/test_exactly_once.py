@@ -22,7 +22,7 @@ from devstack import Profile, Servers
 from sluice import keys, message
 from sluice.events import EVENT_ADAPTER, fingerprint, queued_form
 from sluice.marks import Marks, mark_value, parse_mark
-from tests.support import AUTH, Service, booking, start_api, start_worker, stored_rows, view, wait_until
+from tests.support import AUTH, Service, booking, flushed_db, start_api, start_worker, stored_rows, view, wait_until
 from worker.recovery import recover_lost
 
 DB = 12
@@ -30,11 +30,7 @@ DB = 12
 
 @pytest.fixture
 def db(servers: Servers, profile: Profile) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=profile.redis_port, db=DB)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    yield from flushed_db(profile, DB)
 
 
 @pytest.fixture
