@@ -17,6 +17,10 @@ could hold thousands of descriptors without a key. This protocol adds, each from
 
 A 408 is our usual JSON error and closes the connection. Time spent by the app on a request (after its body)
 is not limited here: the routes bound their own waits (the publish deadline, Cassandra's request timeout).
+
+It also sends a response's head and its body in one write where uvicorn makes two (:class:`_HeadWithBody`):
+each write is a ``send`` system call, and at 1,000 small requests/s the second one was about 7 % of the API's
+CPU (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import time
 from typing import Any
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from sluice.settings import get_settings
 
@@ -47,6 +51,44 @@ def _timeout_response(what: str, seconds: float, setting: str) -> bytes:
         b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
     )
     return head + body
+
+
+class _HeadWithBody:
+    """One request's view of the connection's transport: the response's head (status line and headers) is held
+    until the first write of its body, and both go out in one ``write``.
+
+    uvicorn's cycle writes the head when the app sends ``http.response.start`` and the body when it sends
+    ``http.response.body``: two writes, and so two system calls, for every small response. Every response
+    but one to ``HEAD`` writes its body after its head (an empty body too: uvicorn writes ``b""``, or the last
+    chunk), so the head is never held for long; ``HEAD`` requests are not given this view. A write made
+    before the response starts (``100 Continue``) goes out at once; closing sends what is held first."""
+
+    __slots__ = ("_cycle", "_head_seen", "_held", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
+        self._transport = transport
+        self._cycle = cycle
+        self._held: bytes | None = None
+        self._head_seen = False
+
+    def write(self, data: bytes) -> None:
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        elif not self._head_seen and self._cycle.response_started:
+            # The cycle sets response_started just before it writes the head: hold it for the body.
+            self._head_seen = True
+            self._held = data
+            return
+        self._transport.write(data)
+
+    def close(self) -> None:
+        if self._held is not None:
+            self._transport.write(self._held)
+            self._held = None
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -93,7 +135,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._arm(_settings.http_body_timeout_s, self._body_too_slow)
+        before = self.cycle
         super().on_headers_complete()
+        # The cycle just made for this request (its task has not run yet; an upgrade makes none). A response to
+        # HEAD writes no body.
+        cycle = self.cycle
+        if cycle is not None and cycle is not before and self.scope["method"] != "HEAD":
+            cycle.transport = _HeadWithBody(self.transport, cycle)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         self._disarm()

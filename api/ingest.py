@@ -2,16 +2,18 @@
 
 At 1,000 single events/s the API's profile (docs/performance.md) had FastAPI's routing and dependency
 solving, the instrumentator's second route match and the correlation-id middleware costing more than the
-route's own work. The two ingest routes are the hot path, so this pure-ASGI layer, outermost in the app,
-answers them itself and hands every other request on unchanged. It does what that stack did for them, in
-the same order and with the same results:
+route's own work; and below them, Starlette's and FastAPI's own layers (the error middleware, which wraps
+every ``send``, the body-limit and telemetry middlewares) cost a request more again. The two ingest routes are
+the hot path, so this pure-ASGI app, the one uvicorn serves (:data:`api.main.asgi`), answers them itself and
+hands every other request, and the lifespan, to the FastAPI app unchanged. It does what that stack did for
+them, in the same order and with the same results:
 
 1. the request id (``X-Request-ID``: the client's if it is a UUID, else a new one; echoed back, and set for
    the logs and the publish as :data:`asgi_correlation_id.correlation_id`);
 2. the API key (401), then room in the queue (503 ``queue_full``);
 3. the route's handler itself (api/routes/events.py: body, rate limit, validation, publish);
-4. an :class:`~api.errors.ApiError` as the API's error body; anything else goes on to the app's 500
-   handler, as before;
+4. an :class:`~api.errors.ApiError` as the API's error body; anything else is logged and answered 500
+   ``internal_error``, as the app's own handler answers it;
 5. the HTTP metrics (:data:`sluice.metrics.HTTP_REQUESTS`, :data:`~sluice.metrics.HTTP_LATENCY`).
 
 FastAPI still declares both routes, with the same handlers: they make the OpenAPI document, and they answer
@@ -21,16 +23,18 @@ compares the answers.
 
 from __future__ import annotations
 
+import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
+from random import getrandbits
 from typing import Any, Final
 
 from asgi_correlation_id import correlation_id
 from asgi_correlation_id.middleware import is_valid_uuid4
+from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from api.deps import Resources, authorize, bearer_token, queue_has_room
 from api.errors import ApiError, error_response
@@ -47,18 +51,29 @@ ROUTES: Final[dict[str, Handler]] = {"/v1/events": events.post_event, "/v1/event
 
 REQUEST_ID_HEADER: Final = "x-request-id"
 
+log = logging.getLogger("sluice.api")
+
+
+#: (handler, method, status) -> that label set's counter and histogram: prometheus_client's ``labels()`` checks
+#: and looks its arguments up under a lock on every call. As bounded as the label sets themselves.
+_CHILDREN: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
 
 def record_http(handler: str, method: str, status: int, seconds: float) -> None:
     """Count one answered request and its time (every route's metrics go through here)."""
-    labels = (handler, method, str(status))
-    HTTP_REQUESTS.labels(*labels).inc()
-    HTTP_LATENCY.labels(*labels).observe(seconds)
+    key = (handler, method, status)
+    children = _CHILDREN.get(key)
+    if children is None:
+        labels = (handler, method, str(status))
+        children = _CHILDREN[key] = (HTTP_REQUESTS.labels(*labels), HTTP_LATENCY.labels(*labels))
+    children[0].inc()
+    children[1].observe(seconds)
 
 
 class FastIngest:
-    """The ASGI middleware: see the module's doc."""
+    """The ASGI app in front of the FastAPI ``app``: see the module's doc."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: FastAPI) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -74,12 +89,17 @@ class FastIngest:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500  # what the metrics say if the handler fails (the app's 500 handler then answers)
+        status = 500  # what the metrics say if the answer cannot be sent
+        scope["app"] = self.app  # what Starlette sets, and request.app reads (the app's resources)
         request = Request(scope, receive)
         request_id = _request_id(request.headers.get(REQUEST_ID_HEADER))
         token = correlation_id.set(request_id)
         try:
-            response = await _answer(request, handler)
+            try:
+                response = await _answer(request, handler)
+            except Exception:
+                log.exception("unhandled error on POST %s", path)
+                response = error_response(500, "internal_error", "an unexpected error occurred; it has been logged")
             response.headers.append(REQUEST_ID_HEADER, request_id)
             status = response.status_code
             await response(scope, receive, send)
@@ -102,7 +122,9 @@ def _request_id(presented: str | None) -> str:
     # What asgi_correlation_id's middleware does for every other route: a client's id must parse as a UUID.
     if presented and is_valid_uuid4(presented):
         return presented
-    return uuid.uuid4().hex
+    # A new one from the process's own generator: uuid4() reads the kernel's (a system call per request).
+    # Seeded from it at start (each API process), which is all a correlation id needs.
+    return f"{getrandbits(128):032x}"
 
 
 def instrumentator_metrics(info: Any) -> None:

@@ -17,6 +17,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_fastapi_instrumentator import Instrumentator
 from pydantic import TypeAdapter
+from starlette.types import ASGIApp
 
 from api.auth import ApiKeys
 from api.backpressure import QueueMonitor
@@ -128,9 +129,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ).add(instrumentator_metrics).instrument(app)
     # Every request, even one refused before routing, gets an id (X-Request-ID, echoed back).
     app.add_middleware(CorrelationIdMiddleware, header_name="X-Request-ID")
-    if settings.api_fast_ingest:
-        # Outermost: answers the two ingest routes before everything above (api/ingest.py says why).
-        app.add_middleware(FastIngest)
 
     @app.get(
         "/metrics",
@@ -145,6 +143,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def serve(app: FastAPI, settings: Settings | None = None) -> ASGIApp:
+    """What uvicorn serves: :class:`~api.ingest.FastIngest` in front of ``app``, which answers the two ingest
+    routes before any of the app's layers (api/ingest.py says why); ``app`` alone with
+    ``SLUICE_API_FAST_INGEST=false``."""
+    settings = settings or get_settings()
+    return FastIngest(app) if settings.api_fast_ingest else app
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -174,3 +180,5 @@ def page_token_key(settings: Settings) -> bytes:
 
 setup_logging()
 app = create_app()
+#: The ASGI app uvicorn serves (api/server.py).
+asgi = serve(app)

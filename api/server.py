@@ -17,7 +17,7 @@ def serve() -> None:
     settings = get_settings()
     setup_logging()
     uvicorn.run(
-        "api.main:app",
+        "api.main:asgi",
         host=settings.api_host,
         port=settings.api_port,
         workers=settings.api_workers,

@@ -8,11 +8,13 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import orjson
 import pytest
 from cassandra.cluster import Session
 
+from api.http import _HeadWithBody
 from devstack import Profile
 from tests.support import TEST_KEY, Service, start_api, view
 
@@ -129,3 +131,69 @@ def test_connections_over_the_cap_are_closed_at_once(guarded_api: Service) -> No
         again.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         data, _ = read_until_closed(again, 5)
     assert data.startswith(b"HTTP/1.1 200"), data[:200]
+
+
+def test_head_pipelined_and_100_continue_requests_are_answered_whole(guarded_api: Service) -> None:
+    """The response head waits for its body (api/http.py, _HeadWithBody): a response to HEAD (no body), two
+    pipelined requests, and a ``100 Continue`` (written before the response starts) must all still go out."""
+    with connect(guarded_api) as sock:
+        sock.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data, _ = read_until_closed(sock, 5)
+    assert data.startswith(b"HTTP/1.1 "), data[:300]
+    assert data.endswith(b"\r\n\r\n"), data[:300]
+    with connect(guarded_api) as sock:
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        data, _ = read_until_closed(sock, 5)
+    assert data.count(b"HTTP/1.1 200") == 2, data[:600]
+    assert data.count(b'{"status":"ok"}') == 2, data[:600]
+    body = orjson.dumps(view())
+    with connect(guarded_api) as sock:
+        sock.sendall(f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_KEY}\r\nConnection: close\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+                     .encode())  # fmt: skip
+        sock.settimeout(5)
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")  # before the body is sent
+        sock.sendall(body)
+        data, _ = read_until_closed(sock, 5)
+    assert data.startswith(b"HTTP/1.1 202"), data[:300]
+    assert orjson.loads(data.split(b"\r\n\r\n", 1)[1])["accepted"] == 1
+
+
+class _Recorder:
+    """A transport that records each write (what the kernel would get as one send)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def test_a_response_head_goes_out_with_its_body_in_one_write() -> None:
+    cycle = SimpleNamespace(response_started=False)
+    transport = _Recorder()
+    view_ = _HeadWithBody(transport, cycle)  # type: ignore[arg-type]
+    view_.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # before the response: at once
+    assert transport.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    cycle.response_started = True
+    view_.write(b"HTTP/1.1 202 Accepted\r\n\r\n")
+    assert len(transport.writes) == 1  # the head waits for the body
+    view_.write(b"{}")
+    view_.write(b"more")  # later writes (chunks) go straight out
+    assert transport.writes[1:] == [b"HTTP/1.1 202 Accepted\r\n\r\n{}", b"more"]
+    # A response that ends without a body (the app failed after starting it): closing sends the head first.
+    cycle, transport = SimpleNamespace(response_started=True), _Recorder()
+    view_ = _HeadWithBody(transport, cycle)  # type: ignore[arg-type]
+    view_.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    view_.close()
+    assert transport.writes == [b"HTTP/1.1 200 OK\r\n\r\n"]
+    assert transport.closed
