@@ -16,6 +16,8 @@ from pathlib import Path
 from devstack.services import cmdline, service_role
 
 PROC = Path("/proc")
+#: The role under which cpu_by_role reports Cassandra's JIT compilers (their share of "cassandra").
+JIT_ROLE = "cassandra's JIT compilers (of cassandra)"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -100,6 +102,30 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+#: The names (comm, cut to 15 characters) of a JVM's JIT compiler threads.
+_JIT_THREADS: tuple[str, ...] = ("C1 CompilerThre", "C2 CompilerThre")
+
+
+def jit_cpu_seconds(pid: int) -> float:
+    """CPU time the JIT compiler threads of JVM ``pid`` have used so far: compiling hot code, a cost of warming
+    up, not of each request. (The JVM stops compiler threads it no longer needs, and their time goes with them,
+    so this only ever undercounts.)"""
+    total = 0
+    try:
+        tasks = list(os.scandir(PROC / str(pid) / "task"))
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            text = Path(task.path, "stat").read_text()
+        except OSError:
+            continue
+        if text[text.index("(") + 1 : text.rindex(")")].startswith(_JIT_THREADS):
+            fields = text.rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / _CLK_TCK
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -193,6 +219,8 @@ class StackProcesses:
             "worker": sum(c.cpu() for c in self.workers),
             "cassandra": self.cassandra.cpu(),
             "redis": self.redis.cpu(),
+            # Part of "cassandra" (not added to the machine's total twice): see jit_cpu_seconds.
+            JIT_ROLE: sum(jit_cpu_seconds(pid) for pid in self.cassandra.pids),
         }
 
 
