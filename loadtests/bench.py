@@ -71,7 +71,6 @@ from loadtests.common import (
     say,
 )
 from loadtests.loadgen import OnResponse, Result, generate
-from loadtests.procs import JIT_ROLE
 from loadtests.stack import PROFILE, REDIS_URL, Stack, StackConfig
 from loadtests.verify import Accepted, Checker, CheckResult, queue_depth, wait_drained
 
@@ -252,29 +251,6 @@ class Bench:
         self.settle(60)
         accepted = [r for st, recs in zip(batch_statuses, batch_records, strict=True) if st == 202 for r in recs]
         self.verify(ok_records(statuses, records) + accepted, drained=True)
-        self.warm_jit()
-
-    def warm_jit(self, rate: float = 500, round_s: float = 5, rounds: int = 8, quiet: float = 0.05) -> None:
-        """Single events at ``rate`` in rounds of ``round_s`` until Cassandra's JIT compilers take less than
-        ``quiet`` of its CPU in a round (at most ``rounds``). A Cassandra started for this run compiles its hot
-        code for minutes: a cpu phase measured 20 s after the warm-up above found its compilers using a fifth
-        of its CPU (docs/performance.md), a cost of starting, not of a request."""
-        for n in range(1, rounds + 1):
-            before = self.stack.processes.cpu_by_role()
-            requests, records = self.factory.single(int(rate * round_s), rate)
-            statuses = array("H", bytes(2 * len(requests)))
-            self.load(requests, rate=rate, connections=min(16, self.args.connections), max_seconds=round_s + 5,
-                      on_response=_recorder(statuses))  # fmt: skip
-            self.settle(60)
-            self.verify(ok_records(statuses, records), drained=True)
-            after = self.stack.processes.cpu_by_role()
-            cassandra = after["cassandra"] - before["cassandra"]
-            share = (after[JIT_ROLE] - before[JIT_ROLE]) / cassandra if cassandra > 0 else 0.0
-            say(f"  JIT warm-up round {n}: {rate:g} events/s for {round_s:g} s; Cassandra's compilers took "
-                f"{share:.0%} of its CPU")  # fmt: skip
-            if share < quiet:
-                return
-        say(f"  Cassandra's compilers still busy after {rounds} rounds; measuring anyway")
 
     def p50_at_100(self) -> dict[str, Any]:
         """Latency of a quiet API: 100 single events per second for 10 s."""
