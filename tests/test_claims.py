@@ -18,7 +18,6 @@ from sluice.queue import make_celery
 from sluice.settings import get_settings
 from tests.support import flushed_db
 from tests.test_batching import enqueue
-from worker import delivery
 from worker.transport import CLAIM_ITEM_BYTES, Transport
 
 pytestmark = pytest.mark.timeout(60)
@@ -67,13 +66,11 @@ def test_one_read_takes_every_waiting_message_up_to_the_prefetch_room(db: redis.
         assert db.zcard(keys.UNACKED_INDEX) == 20
         assert all(db.hexists(keys.UNACKED, m.delivery_tag) for m in got)
 
-        transactions = exec_calls(db)
-        with delivery.acks_together():
-            for message in got[:15]:
-                message.ack()
-            assert db.hlen(keys.UNACKED) == 20, "acks wait for the end of the block"
+        # Without a hub (a plain kombu consumer), each ack goes at once. (A worker's acks go a run at a time:
+        # tests/test_batching.py counts them.)
+        for message in got[:15]:
+            message.ack()
         assert db.hlen(keys.UNACKED) == 5
-        assert exec_calls(db) - transactions <= 2, "one transaction for the 15 acks"
         assert db.zcard(keys.UNACKED_INDEX) == 5
 
         # Handed back (as on a lost run): the queue gets the messages again, readable by kombu.

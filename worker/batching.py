@@ -11,7 +11,7 @@ transport (worker/transport.py) takes what waits in the queue in one step and de
 (worker/delivery.py), so those messages leave in one run too; with ``SLUICE_WORKER_LINGER_MS`` it pauses after
 a message for that long, holding runs, and then takes what arrived meanwhile: fewer and fuller runs at moderate
 rates, at the price of later readability (never of a later 202). A run's acknowledgements go to Redis in one
-round trip.
+round trip (the transport gathers them).
 
 Delivery is unchanged (sluice/queue.py, ``DELIVERY``): every message stays unacknowledged in Redis until its
 run returns, and is then acknowledged or, when the run says so (Redis refused a record its outcome depends on),
@@ -145,12 +145,12 @@ class Batcher:
             log.error("a run of %d messages ended without a verdict (%r); returning them to the queue",
                       len(batch), verdicts)  # fmt: skip
             verdicts = [False] * len(batch)
-        with delivery.acks_together():
-            for request, keep in zip(batch, verdicts, strict=True):
-                if keep:
-                    request.acknowledge()
-                else:
-                    request.reject(requeue=True)
+        # Celery sends each ack through its hub, a moment later; the transport sends a run's in one round trip.
+        for request, keep in zip(batch, verdicts, strict=True):
+            if keep:
+                request.acknowledge()
+            else:
+                request.reject(requeue=True)
         self.flush()
 
     def _lost(self, batch: list[Request], exc_info: Any) -> None:

@@ -1,22 +1,21 @@
-"""What ties the transport's bulk claims and acknowledgements (worker/transport.py) to the runs of the batcher
-(worker/batching.py), without either importing the other.
+"""What ties the transport's bulk claims (worker/transport.py) to the runs of the batcher (worker/batching.py),
+without either importing the other.
 
 - :func:`runs_held`: messages the transport delivers inside it reach the pool together. The transport takes
   several messages off the queue in one step and hands them to Celery one by one; without the hold the first
   would leave as a run of its own while a pool process is free.
-- :func:`acks_together`: the acknowledgements of one run are sent to Redis in one round trip (kombu sends each
-  on its own).
+(A run's acknowledgements reach Redis together too, but Celery sends them through its hub, later: the
+transport's QoS gathers them there.)
 
-Both are used only on the consumer's thread (kombu's event loop), where deliveries and run callbacks happen.
+It is used only on the consumer's thread (kombu's event loop), where deliveries and run callbacks happen.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from celery.worker import state as worker_state
@@ -78,34 +77,3 @@ def runs_held() -> Iterator[None]:
     finally:
         _depth -= 1
         _flush()
-
-
-_acks = threading.local()
-
-#: Acknowledges the delivery tags it is given, in one round trip (the transport's QoS).
-AckMany = Callable[[list[str]], None]
-
-
-def deferred(ack_many: AckMany, tag: str) -> bool:
-    """Inside :func:`acks_together` on this thread: note the ack for the end of the block (True); else False,
-    and the caller acknowledges at once."""
-    pending: dict[AckMany, list[str]] | None = getattr(_acks, "pending", None)
-    if pending is None:
-        return False
-    pending.setdefault(ack_many, []).append(tag)
-    return True
-
-
-@contextlib.contextmanager
-def acks_together() -> Iterator[None]:
-    if getattr(_acks, "pending", None) is not None:  # nested: the outer block sends them
-        yield
-        return
-    pending: dict[AckMany, list[str]] = {}
-    _acks.pending = pending
-    try:
-        yield
-    finally:
-        _acks.pending = None
-        for ack_many, tags in pending.items():
-            ack_many(tags)

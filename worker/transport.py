@@ -19,9 +19,10 @@ delivery in the unacknowledged set (``QoS.append``), and another that removes it
 ``BRPOP`` has returned a message, one script (:data:`CLAIM`) records it and takes up to the prefetch room of
 further waiting messages off the queue, recording each in kombu's unacknowledged set *in the same step*; they
 are delivered under a hold (worker/delivery.py), so they leave in one run, and a run's acks go in one pipeline
-(:meth:`ClaimingQoS.ack_many`). The records are kombu's own (the same hash and index, the same value), so kombu's
-restore, the visibility timeout and worker/app.py's ``RestoreUnacked`` treat them as ever; and a claimed message
-is never in neither place, as one is between kombu's ``BRPOP`` and its ``QoS.append``. With
+(:meth:`ClaimingQoS.ack` gathers the acks Celery sends through its hub, one by one). The records are kombu's
+own (the same hash and index, the same value), so kombu's restore, the visibility timeout and worker/app.py's
+``RestoreUnacked`` treat them as ever; and a claimed message is never in neither place, as one is between
+kombu's ``BRPOP`` and its ``QoS.append``. With
 ``SLUICE_WORKER_LINGER_MS`` the channel then pauses (it sends no ``BRPOP``) for that long, holding runs, and
 claims what arrived meanwhile: at moderate rates, one claim, one run and one ack per linger instead of three
 round trips and a run per message. It lingers only while messages come more often than the linger (the one
@@ -172,8 +173,8 @@ class GuardedMessage(KombuMessage):
 
 
 class ClaimingQoS(kombu_redis.QoS):
-    """kombu's Redis QoS, knowing what :data:`CLAIM` already recorded, and acknowledging a run's messages in one
-    pipeline (worker/delivery.py)."""
+    """kombu's Redis QoS, knowing what :data:`CLAIM` already recorded, and acknowledging the messages of one round
+    of the hub in one pipeline."""
 
     channel: Channel
 
@@ -189,9 +190,32 @@ class ClaimingQoS(kombu_redis.QoS):
         else:
             super().append(message, delivery_tag)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Acks gathered for the hub's next round (see :meth:`ack`).
+        self._acks: list[str] = []
+
     def ack(self, delivery_tag: str) -> None:
-        if not delivery.deferred(self.ack_many, delivery_tag):
+        loop = getattr(self.channel.connection, "event_loop", None)
+        if loop is None:  # no hub (a plain consumer): at once, as kombu does
             super().ack(delivery_tag)
+            return
+        # Celery acknowledges through the hub (``call_soon``), each message on its own, after a run's verdicts:
+        # a MULTI/EXEC round trip, and with appendfsync always an fsync, per message. The acks of one hub round
+        # are gathered here and sent in one round trip by the next.
+        self._acks.append(delivery_tag)
+        if len(self._acks) == 1:
+            loop.call_soon(self._send_acks)
+
+    def _send_acks(self) -> None:
+        tags, self._acks = self._acks, []
+        if tags:
+            self.ack_many(tags)
+
+    def restore_unacked_once(self, *args: Any, **kwargs: Any) -> Any:
+        # The channel is closing: acks still gathered go first, or their messages would be handed out again.
+        self._send_acks()
+        return super().restore_unacked_once(*args, **kwargs)
 
     def forget(self, tags: list[str]) -> None:
         """Remove the records of these deliveries (kombu's ``_remove_from_indices``, for many at once)."""
