@@ -49,15 +49,28 @@ CONFLICT: Final = "c"
 # read-only run of the script would leave WAIT nothing to wait for.)
 _ENQUEUE = """#!lua
 local n = (#ARGV - 2) / 2
+local ids, fields, members = {}, {}, {}
+for i = 1, n do
+  local id = ARGV[1 + 2 * i]
+  ids[i] = id
+  fields[2 * i - 1], fields[2 * i] = id, ARGV[2 + 2 * i]
+  members[2 * i - 1], members[2 * i] = ARGV[2], id
+end
+-- One call per CHUNK values, not one per event: a call from Lua costs more than the work of most of them.
+-- (unpack has a limit of its own, some thousands, and a message of an SDK batch may hold 20,000 events.)
+local CHUNK = 1000
+local existing = {}
+for s = 1, n, CHUNK do
+  local part = redis.call('HMGET', KEYS[2], unpack(ids, s, math.min(s + CHUNK - 1, n)))
+  for j = 1, #part do existing[s + j - 1] = part[j] end
+end
 local statuses = {}
 local clash = false
 for i = 1, n do
-  local id = ARGV[1 + 2 * i]
-  local mark = ARGV[2 + 2 * i]
-  local existing = redis.call('HGET', KEYS[2], id)
-  if existing then
+  local mark = existing[i]
+  if mark then
     clash = true
-    if string.sub(existing, 1, 16) == string.sub(mark, 1, 16) then statuses[i] = 'd' else statuses[i] = 'c' end
+    if string.sub(mark, 1, 16) == string.sub(ARGV[2 + 2 * i], 1, 16) then statuses[i] = 'd' else statuses[i] = 'c' end
   else
     statuses[i] = 'n'
   end
@@ -66,10 +79,10 @@ if clash then
   redis.call('INCR', KEYS[4])
   return statuses
 end
-for i = 1, n do
-  local id = ARGV[1 + 2 * i]
-  redis.call('HSET', KEYS[2], id, ARGV[2 + 2 * i])
-  redis.call('ZADD', KEYS[3], ARGV[2], id)
+for s = 1, 2 * n, 2 * CHUNK do
+  local e = math.min(s + 2 * CHUNK - 1, 2 * n)
+  redis.call('HSET', KEYS[2], unpack(fields, s, e))
+  redis.call('ZADD', KEYS[3], unpack(members, s, e))
 end
 redis.call('LPUSH', KEYS[1], ARGV[1])
 return {}

@@ -297,3 +297,25 @@ def test_replay_deletes_only_the_record_it_replayed(db: redis.Redis) -> None:
     assert parse_mark(db.hget(keys.QUEUED, event["event_id"])).event == event  # type: ignore[arg-type]
     assert db.zscore(keys.QUEUED_INDEX, event["event_id"]) is not None
     assert not db.hexists(keys.DEAD_LETTERS, event["event_id"])
+
+
+def test_the_publish_script_settles_a_message_larger_than_its_chunks(db: redis.Redis) -> None:
+    """The publish script (sluice/marks.py) reads and writes marks a thousand at a time: a message of 2,500
+    events (an SDK batch may hold 20,000) is written whole with every mark and index entry, and a second
+    message with the same ids writes nothing and answers each id's status, across the chunks' bounds."""
+    events = [queued(view()) for _ in range(2500)]
+    now = time.time()
+    marks = Marks(db)
+    first = message.build(events, accepted_at=now, request_ids=["chunks"])
+    assert marks.enqueue(first, [(e["event_id"], mark_value(e, now)) for e in events]) == []
+    assert db.llen(keys.EVENTS_QUEUE) == 1
+    assert db.hlen(keys.QUEUED) == 2500
+    assert db.zcard(keys.QUEUED_INDEX) == 2500
+    assert parse_mark(db.hget(keys.QUEUED, events[2499]["event_id"])).event == events[2499]  # type: ignore[arg-type]
+    # Again, with the 1,001st event changed and one new event last: nothing written, a status each.
+    again = [*events[:1000], {**events[1000], "user_id": events[1000]["user_id"] + 1}, *events[1001:], queued(view())]
+    statuses = marks.enqueue(message.build(again, accepted_at=now, request_ids=["chunks"]),
+                             [(e["event_id"], mark_value(e, now)) for e in again])  # fmt: skip
+    assert statuses == ["d"] * 1000 + ["c"] + ["d"] * 1499 + ["n"]
+    assert db.llen(keys.EVENTS_QUEUE) == 1
+    assert db.hlen(keys.QUEUED) == 2500
