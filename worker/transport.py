@@ -192,8 +192,9 @@ class ClaimingQoS(kombu_redis.QoS):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: Acks gathered for the hub's next round (see :meth:`ack`).
+        #: Acks gathered in this round of the hub (see :meth:`ack`), and the hub whose ticks send them.
         self._acks: list[str] = []
+        self._ticking: Any = None
 
     def ack(self, delivery_tag: str) -> None:
         loop = getattr(self.channel.connection, "event_loop", None)
@@ -201,20 +202,25 @@ class ClaimingQoS(kombu_redis.QoS):
             super().ack(delivery_tag)
             return
         # Celery acknowledges through the hub (``call_soon``), each message on its own, after a run's verdicts:
-        # a MULTI/EXEC round trip, and with appendfsync always an fsync, per message. The acks of one hub round
-        # are gathered here and sent in one round trip by the next.
+        # a MULTI/EXEC round trip, and with appendfsync always an fsync, per message. They are gathered here and
+        # sent in one round trip at the hub's next tick, which comes in the same round, before it polls again
+        # (a ``call_soon`` made now would wait for that poll: up to a second with nothing to read).
         self._acks.append(delivery_tag)
-        if len(self._acks) == 1:
-            loop.call_soon(self._send_acks)
+        if self._ticking is not loop:
+            loop.on_tick.add(self._send_acks)
+            self._ticking = loop
 
     def _send_acks(self) -> None:
-        tags, self._acks = self._acks, []
-        if tags:
+        if self._acks:
+            tags, self._acks = self._acks, []
             self.ack_many(tags)
 
     def restore_unacked_once(self, *args: Any, **kwargs: Any) -> Any:
         # The channel is closing: acks still gathered go first, or their messages would be handed out again.
         self._send_acks()
+        if self._ticking is not None:
+            self._ticking.on_tick.discard(self._send_acks)
+            self._ticking = None
         return super().restore_unacked_once(*args, **kwargs)
 
     def forget(self, tags: list[str]) -> None:
