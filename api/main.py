@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             backlog_linger_s=settings.publish_backlog_linger_ms / 1000,
             backlogged=monitor.backlogged,
             concurrency=settings.publish_concurrency,
+            rate_linger_s=settings.publish_rate_linger_ms / 1000,
         )
         publisher.start()
         cassandra = CassandraHandle(settings)

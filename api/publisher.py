@@ -1,9 +1,9 @@
 """Publishing accepted events to the queue: concurrent requests share one message, written with its marks.
 
 Each request hands its events to :class:`BatchingPublisher` and waits; one background loop gathers what
-arrived (while it is busy, waiting at most ``linger`` for more; while messages wait in the queue, up to
-``backlog_linger``; and not at all once a message is full or when requests come one at a time to an idle
-queue: a quiet API never waits), writes the message and
+arrived (while it is busy, waiting at most ``linger`` for more; while requests arrive fast, ``rate_linger``;
+while messages wait in the queue, up to ``backlog_linger``; and not at all once a message is full or when
+requests come one at a time to an idle queue: a quiet API never waits), writes the message and
 the events' queued marks to Redis in one script (:mod:`sluice.marks`), and only then wakes the waiting
 requests. Everything runs on the event loop (redis.asyncio), with no thread hop. So a request is answered 202
 only once its events and their marks are in Redis, and a request's events always travel in one message: all
@@ -92,12 +92,17 @@ class BatchingPublisher:
         backlog_linger_s: float = 0.0,
         backlogged: Callable[[], bool] = lambda: False,
         concurrency: int = 1,
+        rate_linger_s: float = 0.0,
     ) -> None:
         self._enqueue = enqueue
         self._max_events = max_events
         self._linger_s = linger_s
         self._backlog_linger_s = backlog_linger_s
         self._backlogged = backlogged
+        self._rate_linger_s = rate_linger_s
+        #: The gap between requests, smoothed (seconds); starts as a quiet API's.
+        self._gap_s = 1.0
+        self._last_arrival = 0.0
         self._deadline_s = deadline_s
         self._max_pending = max_pending_events
         self._queue: deque[_Pending] = deque()
@@ -130,6 +135,11 @@ class BatchingPublisher:
         if self._queued_events + len(events) > self._max_pending:
             raise Overloaded(f"{self._queued_events} events already wait to be queued by this API process")
         item = _Pending(events, fingerprints, request_id, [None] * len(events))
+        now = time.monotonic()
+        # A tenth of each new gap (at most 1 s): a burst is seen within a few dozen requests, and one pause of
+        # a few tens of milliseconds ends it.
+        self._gap_s += 0.1 * (min(now - self._last_arrival, 1.0) - self._gap_s)
+        self._last_arrival = now
         self._queue.append(item)
         self._queued_events += len(events)
         self._wakeup.set()
@@ -226,10 +236,15 @@ class BatchingPublisher:
         Messages waiting in the queue (the workers are behind): the longer wait, hidden behind the queue's;
         a worker pays per message more than per event, so fuller messages let it catch up, where a message
         per request would keep it behind (measured: workers behind at 260 single events/s, not at 1,100/s,
-        where messages filled). Busy (the last message was shared): a moment for concurrent requests.
-        Quiet (one request at a time, an idle queue): no wait at all."""
+        where messages filled). Fast (requests at most half the rate linger apart, so at least two would
+        join): the rate linger; Redis runs and fsyncs one script per message, so fuller messages cost it less
+        per request (measured at 1,000 requests/s: -14 %), and a request waits at most that long.
+        Busy (the last message was shared): a moment for concurrent requests. Quiet (one request at a time, an
+        idle queue): no wait at all."""
         if self._backlogged():
             return self._backlog_linger_s
+        if 2 * self._gap_s <= self._rate_linger_s:
+            return self._rate_linger_s
         return self._linger_s if self._busy else 0.0
 
     async def _publish(self, batch: list[_Pending]) -> int:

@@ -169,6 +169,51 @@ def test_the_publisher_fills_messages_only_while_the_queue_has_a_backlog() -> No
     assert len(behind) <= 2, behind
 
 
+def test_the_publisher_fills_messages_while_requests_arrive_fast_and_never_waits_when_they_do_not() -> None:
+    """The rate linger: requests about 1 ms apart share messages once the publisher has seen the rate; requests
+    30 ms apart, and the first one after a pause, go out at once, each in its own message."""
+
+    async def run() -> tuple[list[int], list[int], float]:
+        sizes: list[int] = []
+
+        async def redis(message: dict[str, Any], marks: list[object]) -> list[str]:
+            sizes.append(len(marks))
+            return []
+
+        publisher = BatchingPublisher(redis, max_events=1000, linger_s=0, deadline_s=5, rate_linger_s=0.05)
+        publisher.start()
+
+        async def one(i: int) -> float:
+            started = time.monotonic()
+            assert await publisher.submit([{"event_id": f"e{i}"}], ["f"], f"r{i}") == [NEW]
+            return time.monotonic() - started
+
+        slow = []
+        for i in range(8):  # one at a time, 30 ms apart: never lingered
+            slow.append(await one(i))
+            await asyncio.sleep(0.03)
+        slow_sizes = list(sizes)
+        sizes.clear()
+        fast = []
+        for i in range(100, 200):
+            fast.append(asyncio.create_task(one(i)))
+            await asyncio.sleep(0.001)
+        await asyncio.gather(*fast)
+        await asyncio.sleep(0.3)  # a pause: the next lone request goes out at once
+        after_pause = await one(999)
+        await publisher.close()
+        return slow_sizes, sizes, max([*slow, after_pause])
+
+    slow_sizes, fast_sizes, quiet_s = asyncio.run(run())
+    assert slow_sizes == [1] * 8
+    assert quiet_s < 0.025, f"a request waited {quiet_s * 1000:.0f} ms with no one to share its message"
+    assert sum(fast_sizes) == 101
+    # Without the rate linger every request has a message of its own (101); about the first 35 do here, while
+    # the smoothed gap comes down, and the rest share a few.
+    assert len(fast_sizes) <= 60, fast_sizes
+    assert max(fast_sizes) >= 10, fast_sizes
+
+
 @pytest.mark.parametrize("concurrency", [1, 3])
 def test_the_publisher_keeps_up_to_its_concurrency_of_messages_in_flight(concurrency: int) -> None:
     """While Redis has not answered, the next requests go out in messages of their own, up to the limit;
