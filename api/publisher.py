@@ -243,7 +243,7 @@ class BatchingPublisher:
         idle queue): no wait at all."""
         if self._backlogged():
             return self._backlog_linger_s
-        if 2 * self._gap_s <= self._rate_linger_s:
+        if self._rate_linger_s > 0 and 2 * self._gap_s <= self._rate_linger_s:  # 0: off
             return self._rate_linger_s
         return self._linger_s if self._busy else 0.0
 
