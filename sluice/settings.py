@@ -138,9 +138,11 @@ class Settings(BaseSettings):
     worker_batch_events: int = Field(default=2000, ge=1, le=100_000)
     #: After taking a message, how long a worker waits before it takes what arrived meanwhile, in milliseconds,
     #: when messages come more often than that (worker/transport.py): a run and a message cost a worker far more
-    #: than an event, so at moderate rates a short wait cuts its CPU and Redis's per event by a third. It delays
-    #: only when events become readable, never a 202; the message taken is written at once. 0: no wait.
-    worker_linger_ms: float = Field(default=50.0, ge=0, le=5000)
+    #: than an event, so at moderate rates a wait cuts its CPU and Redis's per event (at 1,000 single events/s,
+    #: 200 ms against 50: the worker's by half, Redis's by a third; readable p99 about 350 ms instead of 200).
+    #: It delays only when events become readable, never a 202; the message taken is written at once, and a
+    #: full claim (a backlog) is followed by the next one at once. 0: no wait.
+    worker_linger_ms: float = Field(default=200.0, ge=0, le=5000)
     #: Attempts of a task before its events are dead-lettered.
     task_max_retries: int = Field(default=8, ge=0)
     task_retry_backoff_s: float = Field(default=1.0, gt=0)
