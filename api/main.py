@@ -52,7 +52,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         publish_timeout_s = settings.publish_timeout_s + replica_wait_s
         publish_redis = broker.async_client(settings, timeout=publish_timeout_s)
         redis = broker.async_client(settings)
-        monitor = QueueMonitor(redis, settings.max_queue_depth, memory_ratio=settings.max_redis_memory_ratio)
+        # A lingering worker claims up to SLUICE_WORKER_BATCH_MESSAGES per pool process at the end of its linger.
+        held = settings.worker_batch_messages if settings.worker_linger_ms > 0 else 0
+        monitor = QueueMonitor(redis, settings.max_queue_depth, memory_ratio=settings.max_redis_memory_ratio,
+                               held=held)  # fmt: skip
         publisher = BatchingPublisher(
             AsyncMarks(
                 publish_redis,

@@ -160,3 +160,28 @@ def test_a_backlog_is_messages_waiting_for_two_samples_in_a_row(isolated_queue: 
         return seen
 
     assert asyncio.run(run()) == [False, False, True, False]
+
+
+def test_messages_a_lingering_worker_holds_are_no_backlog(isolated_queue: redis.Redis, profile: Profile) -> None:
+    """A worker that lingers leaves up to a claim's worth of messages waiting on purpose: only more than that,
+    seen twice in a row, turns the publisher's backlog linger on."""
+
+    async def run() -> list[bool]:
+        client = redis.asyncio.Redis(port=profile.redis_port, db=1)
+        monitor = QueueMonitor(client, max_depth=1000, held=3)
+        seen = []
+        try:
+            for _ in range(3):
+                isolated_queue.lpush(keys.EVENTS_QUEUE, b"m")
+                await monitor.sample()
+                seen.append(monitor.backlogged())  # 1, 2, 3 held: a lingering worker's
+            isolated_queue.lpush(keys.EVENTS_QUEUE, b"m")
+            await monitor.sample()
+            seen.append(monitor.backlogged())  # 4, but the sample before saw 3
+            await monitor.sample()
+            seen.append(monitor.backlogged())  # still 4: behind
+        finally:
+            await client.aclose()
+        return seen
+
+    assert asyncio.run(run()) == [False, False, False, False, True]
