@@ -238,7 +238,7 @@ class BatchingPublisher:
         per request would keep it behind (measured: workers behind at 260 single events/s, not at 1,100/s,
         where messages filled). Fast (requests at most half the rate linger apart, so at least two would
         join): the rate linger; Redis runs and fsyncs one script per message, so fuller messages cost it less
-        per request (measured at 1,000 requests/s: -14 %), and a request waits at most that long.
+        per request (at 1,000 requests/s, 8 ms against none: -26 %), and a request waits at most that long.
         Busy (the last message was shared): a moment for concurrent requests. Quiet (one request at a time, an
         idle queue): no wait at all."""
         if self._backlogged():
