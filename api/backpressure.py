@@ -55,7 +55,7 @@ class QueueMonitor:
         """More than ``held`` messages have waited in the queue for two samples in a row (50 ms or more): every
         worker is busy. One sample is not enough: a message caught between its push and a worker's pop would
         count. Nor is what a lingering worker holds: at 100 requests/s its 200 ms linger leaves about 20 messages
-        waiting, and taking them for a backlog put the API's backlog linger on every request (p50 1.9 -> 3.1 ms)."""
+        waiting, and taking them for a backlog put the API's backlog linger on many requests (p50 1.9 -> 3.1 ms)."""
         return self.depth > self.held and self._previous_depth > self.held
 
     @property
