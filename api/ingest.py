@@ -16,6 +16,9 @@ them, in the same order and with the same results:
    ``internal_error``, as the app's own handler answers it;
 5. the HTTP metrics (:data:`sluice.metrics.HTTP_REQUESTS`, :data:`~sluice.metrics.HTTP_LATENCY`).
 
+Most ingest requests do not reach this app as ASGI at all: the connection's protocol (api/http.py, the
+ingest lane) calls :meth:`FastIngest.respond` itself and writes the answer. Both ways run the same steps.
+
 FastAPI still declares both routes, with the same handlers: they make the OpenAPI document, and they answer
 with ``SLUICE_API_FAST_INGEST=false``. tests/test_fast_ingest.py sends the same requests both ways and
 compares the answers.
@@ -71,10 +74,13 @@ def record_http(handler: str, method: str, status: int, seconds: float) -> None:
 
 
 class FastIngest:
-    """The ASGI app in front of the FastAPI ``app``: see the module's doc."""
+    """The ASGI app in front of the FastAPI ``app``: see the module's doc. The connection's protocol
+    (api/http.py) answers most ingest requests without ASGI at all, through :meth:`respond`."""
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
+        #: Request target (exact, no query) -> (path, handler): what the protocol's lane looks up.
+        self.targets: Final[dict[bytes, tuple[str, Handler]]] = {p.encode(): (p, h) for p, h in ROUTES.items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -91,21 +97,26 @@ class FastIngest:
         started = time.perf_counter()
         status = 500  # what the metrics say if the answer cannot be sent
         scope["app"] = self.app  # what Starlette sets, and request.app reads (the app's resources)
-        request = Request(scope, receive)
-        request_id = _request_id(request.headers.get(REQUEST_ID_HEADER))
-        token = correlation_id.set(request_id)
         try:
-            try:
-                response = await _answer(request, handler)
-            except Exception:
-                log.exception("unhandled error on POST %s", path)
-                response = error_response(500, "internal_error", "an unexpected error occurred; it has been logged")
-            response.headers.append(REQUEST_ID_HEADER, request_id)
+            response = await self.respond(Request(scope, receive), path, handler)
             status = response.status_code
             await response(scope, receive, send)
         finally:
-            correlation_id.reset(token)
             record_http(path, "POST", status, time.perf_counter() - started)
+
+    async def respond(self, request: Request, path: str, handler: Handler) -> Response:
+        """The answer to one ingest request, with its ``X-Request-ID``; never raises (an error is a 500)."""
+        request_id = _request_id(request.headers.get(REQUEST_ID_HEADER))
+        token = correlation_id.set(request_id)
+        try:
+            response = await _answer(request, handler)
+        except Exception:
+            log.exception("unhandled error on POST %s", path)
+            response = error_response(500, "internal_error", "an unexpected error occurred; it has been logged")
+        finally:
+            correlation_id.reset(token)
+        response.headers.append(REQUEST_ID_HEADER, request_id)
+        return response
 
 
 async def _answer(request: Request, handler: Handler) -> Response:

@@ -161,6 +161,34 @@ def test_head_pipelined_and_100_continue_requests_are_answered_whole(guarded_api
     assert orjson.loads(data.split(b"\r\n\r\n", 1)[1])["accepted"] == 1
 
 
+def _post(body: bytes, extra: str = "") -> bytes:
+    return (f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_KEY}\r\n{extra}"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
+
+
+def test_ingest_requests_in_the_lane_are_answered_in_order_and_close_when_asked(guarded_api: Service) -> None:
+    """The protocol answers plain ingest requests itself (api/http.py, the lane). Requests pipelined behind one
+    still being answered wait for it, so answers come back in order; ``Connection: close`` closes after the
+    answer; a request with a query string goes through ASGI and is answered the same."""
+    first, second, third = view(), view(), view()
+    with connect(guarded_api) as sock:
+        sock.sendall(_post(orjson.dumps(first)) + _post(orjson.dumps(second))
+                     + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                     + _post(orjson.dumps(third), "Connection: close\r\n"))  # fmt: skip
+        data, _ = read_until_closed(sock, 10)
+    answers = data.split(b"HTTP/1.1 ")[1:]
+    assert [a[:3] for a in answers] == [b"202", b"202", b"200", b"202"], data[:1200]
+    ids = [
+        orjson.loads(a.split(b"\r\n\r\n", 1)[1])["results"][0]["event_id"] for a in (answers[0], answers[1], answers[3])
+    ]
+    assert ids == [first["event_id"], second["event_id"], third["event_id"]]
+    assert b"connection: close" in answers[3].lower()
+    with connect(guarded_api) as sock:
+        sock.sendall(_post(orjson.dumps(view()), "Connection: close\r\n").replace(b"/v1/events", b"/v1/events?x=1", 1))
+        data, _ = read_until_closed(sock, 5)
+    assert data.startswith(b"HTTP/1.1 202"), data[:300]
+
+
 class _Recorder:
     """A transport that records each write (what the kernel would get as one send)."""
 
