@@ -42,10 +42,9 @@ import time
 from typing import Any
 
 import orjson
-from starlette.requests import Request
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from api.ingest import FastIngest, Handler, record_http
+from api.ingest import FastIngest, Handler, IngestRequest, record_http
 from sluice.settings import get_settings
 
 log = logging.getLogger("sluice.api")
@@ -257,7 +256,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 "headers": lane.headers, "server": self.server, "client": self.client, "app": self._ingest.app,
                 "state": {},
             }  # fmt: skip
-            request = Request(scope, lane.receive)
+            request = IngestRequest(scope, lane.receive)
             response = await self._ingest.respond(request, lane.path, lane.handler)
             status = response.status_code
             if not lane.disconnected and not self.transport.is_closing():

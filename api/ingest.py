@@ -35,6 +35,7 @@ from typing import Any, Final
 from asgi_correlation_id import correlation_id
 from asgi_correlation_id.middleware import is_valid_uuid4
 from fastapi import FastAPI
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -73,6 +74,28 @@ def record_http(handler: str, method: str, status: int, seconds: float) -> None:
     children[1].observe(seconds)
 
 
+class _Headers(Headers):
+    def get(self, key: str, default: Any = None) -> Any:
+        # Mapping.get() goes through __getitem__, which raises KeyError for every header a request lacks
+        # (most lack X-Request-ID and Content-Encoding): a scan without the exception.
+        wanted = key.lower().encode("latin-1")
+        for name, value in self.raw:
+            if name == wanted:
+                return value.decode("latin-1")
+        return default
+
+
+class IngestRequest(Request):
+    """An ingest request: a :class:`Request` whose headers are looked up without an exception per miss."""
+
+    @property
+    def headers(self) -> Headers:
+        headers = self.__dict__.get("_ingest_headers")
+        if headers is None:
+            headers = self.__dict__["_ingest_headers"] = _Headers(scope=self.scope)
+        return headers
+
+
 class FastIngest:
     """The ASGI app in front of the FastAPI ``app``: see the module's doc. The connection's protocol
     (api/http.py) answers most ingest requests without ASGI at all, through :meth:`respond`."""
@@ -98,7 +121,7 @@ class FastIngest:
         status = 500  # what the metrics say if the answer cannot be sent
         scope["app"] = self.app  # what Starlette sets, and request.app reads (the app's resources)
         try:
-            response = await self.respond(Request(scope, receive), path, handler)
+            response = await self.respond(IngestRequest(scope, receive), path, handler)
             status = response.status_code
             await response(scope, receive, send)
         finally:

@@ -293,6 +293,37 @@ def test_every_request_is_answered_within_the_deadline_of_its_arrival() -> None:
     assert second_s < 0.5, second_s
 
 
+def test_a_request_cancelled_while_it_waits_does_not_cancel_the_message_it_shares() -> None:
+    """A request whose task is cancelled (its client went away) stops waiting; the message it shares with
+    other requests is still written, theirs answered, and its deadline timer fires into nothing."""
+
+    async def run() -> tuple[list[str], list[int]]:
+        written: list[int] = []
+
+        async def slow_redis(message: object, marks: list[object]) -> list[str]:
+            await asyncio.sleep(0.1)
+            written.append(len(marks))
+            return []
+
+        publisher = BatchingPublisher(slow_redis, max_events=100, linger_s=0.05, deadline_s=0.3, concurrency=1)
+        publisher.start()
+        publisher._busy = True  # linger for company, so both requests share the next message
+        leaver = asyncio.create_task(publisher.submit([{"event_id": "a"}], ["f"], "r1"))
+        stayer = asyncio.create_task(publisher.submit([{"event_id": "b"}], ["f"], "r2"))
+        await asyncio.sleep(0.08)  # the message is on its way to Redis
+        leaver.cancel()
+        answer = await stayer
+        with contextlib.suppress(asyncio.CancelledError):
+            await leaver
+        await asyncio.sleep(0.4)  # past both deadlines: nothing fires into a settled request
+        await publisher.close()
+        return answer, written
+
+    answer, written = asyncio.run(run())
+    assert answer == [NEW]
+    assert written == [2]
+
+
 def test_the_publisher_fails_fast_after_a_refusal_but_not_after_a_timeout() -> None:
     """Redis refusing (away, full): the next requests are refused at once for a moment. Redis slow (a publish
     past its deadline): the next request still tries Redis."""
