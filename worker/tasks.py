@@ -186,8 +186,7 @@ def _timed_out(runs: Sequence[_Run], exc: SoftTimeLimitExceeded) -> None:
         if run.settled or run.decided:
             continue
         if isinstance(run.parsed, str):  # unreadable arguments: content, whatever the time
-            _settle(run, [Item({"args": run.args, "kwargs": run.kwargs}, run.parsed)], kind="malformed_task",
-                    task_id=run.task_id, attempts=run.attempt)  # fmt: skip
+            _dead_letter_unreadable(run, run.parsed)
             continue
         events = [row.queued for row in run.rows] if run.parsed_all else list(run.parsed.events)
         if events:
@@ -206,15 +205,20 @@ def _settle(run: _Run, items: Sequence[Item], **kwargs: Any) -> bool:
     return True
 
 
+def _dead_letter_unreadable(run: _Run, why: str) -> None:
+    """A message whose arguments are not a message at all: dead-lettered whole, as it came."""
+    _settle(run, [Item({"args": run.args, "kwargs": run.kwargs}, why)], kind="malformed_task",
+            task_id=run.task_id, attempts=run.attempt)  # fmt: skip
+    log.error("dead-lettered task %s: %s", run.task_id, why)
+    run.settled = True
+
+
 def _write_runs(runs: Sequence[_Run]) -> None:
     started = time.perf_counter()
     for run in runs:
         parsed = run.parsed
         if isinstance(parsed, str):
-            _settle(run, [Item({"args": run.args, "kwargs": run.kwargs}, parsed)], kind="malformed_task",
-                    task_id=run.task_id, attempts=run.attempt)  # fmt: skip
-            log.error("dead-lettered task %s: %s", run.task_id, parsed)
-            run.settled = True
+            _dead_letter_unreadable(run, parsed)
             continue
         rejected: list[Item] = []
         accepted = dt.datetime.fromtimestamp(parsed.accepted_at, dt.UTC)

@@ -131,63 +131,68 @@ def test_node_killed_for_30_s_comes_back_and_catches_up(ring: Compose, session: 
                 say(f"  hint sample failed: {exc!r}")
 
     sampler = threading.Thread(target=sample_hints, daemon=True)
-    with SteadyLoad(ring.base_url, TEST_KEY, rate=RATE, batch_every=20, batch_size=5) as load:
-        time.sleep(10)
-        say("ring: docker kill cassandra3")
-        subprocess.run(["docker", "kill", node3], check=True, capture_output=True)
-        killed = time.monotonic()
-        sampler.start()
-        time.sleep(30)
-        say("ring: docker start cassandra3")
-        subprocess.run(["docker", "start", node3], check=True, capture_output=True)
-        started = time.monotonic()
-        time.sleep(max(0.0, DURATION_S - 40))
-    node3_ip = ring.ip("cassandra3")
-    wait_until(lambda: _cql_up(node3_ip), 180, "cassandra3 to serve CQL again", every=1)
-    back = time.monotonic()
-
-    # First the ring as a whole, at LOCAL_QUORUM: every acknowledged event stored once, nothing refused yet
-    # stored. Only then is the node's catch-up judged: an event the worker has not written yet (it may still be
-    # retrying what the dead node failed) is missing on every node, and no hint or repair could bring it.
-    figures = check(load.load, session)
-    assert_api_kept_answering(load.load, DURATION_S)
-
-    # Catch-up: every acknowledged event read from cassandra3 alone (CL ONE, whitelisted), both tables.
-    cluster, local = node_session(node3_ip)
     try:
-        missing = set(load.load.history.ok)
-        rounds: list[int] = []
+        with SteadyLoad(ring.base_url, TEST_KEY, rate=RATE, batch_every=20, batch_size=5) as load:
+            time.sleep(10)
+            say("ring: docker kill cassandra3")
+            subprocess.run(["docker", "kill", node3], check=True, capture_output=True)
+            killed = time.monotonic()
+            sampler.start()
+            time.sleep(30)
+            say("ring: docker start cassandra3")
+            subprocess.run(["docker", "start", node3], check=True, capture_output=True)
+            started = time.monotonic()
+            time.sleep(max(0.0, DURATION_S - 40))
+        node3_ip = ring.ip("cassandra3")
+        wait_until(lambda: _cql_up(node3_ip), 180, "cassandra3 to serve CQL again", every=1)
+        back = time.monotonic()
 
-        def caught_up() -> bool:
-            nonlocal missing
-            rows = read_rows(local, load.load, missing, ConsistencyLevel.ONE)
-            missing = {i for i in missing if not (rows.by_id[i] and rows.by_listing[i])}
-            rounds.append(len(missing))
-            return not missing
+        # First the ring as a whole, at LOCAL_QUORUM: every acknowledged event stored once, nothing refused yet
+        # stored. Only then is the node's catch-up judged: an event the worker has not written yet (it may still be
+        # retrying what the dead node failed) is missing on every node, and no hint or repair could bring it.
+        figures = check(load.load, session)
+        assert_api_kept_answering(load.load, DURATION_S)
 
-        how = "hinted handoff"
+        # Catch-up: every acknowledged event read from cassandra3 alone (CL ONE, whitelisted), both tables.
+        cluster, local = node_session(node3_ip)
         try:
-            wait_until(caught_up, HINTS_WAIT_S, "cassandra3 to hold every acknowledged event", every=2)
-        except AssertionError:
-            # Hints did not bring it all (seen once in five runs: 7 of 14,600 events). Repair must. A full
-            # repair, not 5.0's default incremental one: it compares every row, whatever was marked repaired, and
-            # a busy machine's compactions cannot make it skip sstables.
-            how = f"hinted handoff, then repair for {len(missing)} events hints had not brought"
-            say(f"ring: {len(missing)} events still missing on cassandra3 after {HINTS_WAIT_S} s: nodetool repair")
-            repair = subprocess.run(["docker", "exec", node3, "nodetool", "repair", "--full", "sluice"],
-                                    capture_output=True, text=True, timeout=600)  # fmt: skip
-            last = (repair.stdout + repair.stderr).strip().splitlines()[-1:]  # its verdict; the ranges go before
-            say(f"ring: nodetool repair exit {repair.returncode}: {last[0][-300:] if last else ''}")
-            assert repair.returncode == 0, "nodetool repair failed"
+            missing = set(load.load.history.ok)
+            rounds: list[int] = []
+
+            def caught_up() -> bool:
+                nonlocal missing
+                rows = read_rows(local, load.load, missing, ConsistencyLevel.ONE)
+                missing = {i for i in missing if not (rows.by_id[i] and rows.by_listing[i])}
+                rounds.append(len(missing))
+                return not missing
+
+            how = "hinted handoff"
             try:
-                wait_until(caught_up, REPAIRED_WAIT_S, "cassandra3 to hold every acknowledged event after repair", 2)
-            except AssertionError as exc:  # which events, so the next look starts from them
-                raise AssertionError(f"{exc}: still missing {len(missing)}, e.g. {sorted(missing)[:3]}") from None
-        done = time.monotonic()
-    finally:
+                wait_until(caught_up, HINTS_WAIT_S, "cassandra3 to hold every acknowledged event", every=2)
+            except AssertionError:
+                # Hints did not bring it all (seen once in five runs: 7 of 14,600 events). Repair must. A full
+                # repair, not 5.0's default incremental one: it compares every row, whatever was marked repaired, and
+                # a busy machine's compactions cannot make it skip sstables.
+                how = f"hinted handoff, then repair for {len(missing)} events hints had not brought"
+                say(f"ring: {len(missing)} events still missing on cassandra3 after {HINTS_WAIT_S} s: nodetool repair")
+                repair = subprocess.run(["docker", "exec", node3, "nodetool", "repair", "--full", "sluice"],
+                                        capture_output=True, text=True, timeout=600)  # fmt: skip
+                last = (repair.stdout + repair.stderr).strip().splitlines()[-1:]  # its verdict; the ranges go before
+                say(f"ring: nodetool repair exit {repair.returncode}: {last[0][-300:] if last else ''}")
+                assert repair.returncode == 0, "nodetool repair failed"
+                try:
+                    wait_until(
+                        caught_up, REPAIRED_WAIT_S, "cassandra3 to hold every acknowledged event after repair", 2
+                    )
+                except AssertionError as exc:  # which events, so the next look starts from them
+                    raise AssertionError(f"{exc}: still missing {len(missing)}, e.g. {sorted(missing)[:3]}") from None
+            done = time.monotonic()
+        finally:
+            cluster.shutdown()
+    finally:  # the sampler stops whatever failed: a check's failure must not leave it sampling
         sampling.set()
-        sampler.join()
-        cluster.shutdown()
+        if sampler.is_alive():
+            sampler.join()
     hint_peak = max((n for _, n in samples), default=0)
     drained = next((t for t, n in samples if t > started and n == 0), None)
     record(
