@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -212,10 +213,9 @@ class BatchingPublisher:
                     return
                 self._wakeup.clear()
                 continue
-            linger = self._linger()
+            linger, quiet = self._linger()
             if linger > 0 and self._queued_events < self._max_events and not self._closing:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._full.wait(), linger)
+                await self._wait_for_company(linger, quiet)
             # Several messages may be in flight: while Redis runs one script (and fsyncs), this process goes on
             # reading and validating, and Redis fsyncs the scripts that arrive together once. With every slot
             # taken, requests keep gathering here, so the next message is fuller.
@@ -247,22 +247,40 @@ class BatchingPublisher:
             for item in batch:
                 item.settle([s or NEW for s in item.statuses])
 
-    def _linger(self) -> float:
-        """How long to wait for more requests to join the next message (it is sent early once full).
+    def _linger(self) -> tuple[float, float]:
+        """How long to wait for more requests to join the next message (it is sent early once full), and how
+        long without a new request ends that wait early (``inf``: it does not).
 
         Messages waiting in the queue (the workers are behind): the longer wait, hidden behind the queue's;
         a worker pays per message more than per event, so fuller messages let it catch up, where a message
         per request would keep it behind (measured: workers behind at 260 single events/s, not at 1,100/s,
-        where messages filled). Fast (requests at most half the rate linger apart, so at least two would
-        join): the rate linger; Redis runs and fsyncs one script per message, so fuller messages cost it less
-        per request (at 1,000 requests/s, 8 ms against none: -26 %), and a request waits at most that long.
-        Busy (the last message was shared): a moment for concurrent requests. Quiet (one request at a time, an
-        idle queue): no wait at all."""
+        where messages filled). It ends once no request has come for the busy linger: clients that wait for
+        their answers before sending more (a few connections sending batches) have all sent theirs, and
+        waiting on would only delay them (four connections of 100-event batches: 22,000 events/s with the
+        whole 10 ms, against the API's CPU limit with this rule; docs/performance.md). Fast (requests at most
+        half the rate linger apart, so at least two would join): the rate linger; Redis runs and fsyncs one
+        script per message, so fuller messages cost it less per request (at 1,000 requests/s, 8 ms against
+        none: -26 %), and a request waits at most that long. Busy (the last message was shared): a moment
+        for concurrent requests. Quiet (one request at a time, an idle queue): no wait at all."""
         if self._backlogged():
-            return self._backlog_linger_s
+            return self._backlog_linger_s, max(self._linger_s, 0.001)
         if self._rate_linger_s > 0 and 2 * self._gap_s <= self._rate_linger_s:  # 0: off
-            return self._rate_linger_s
-        return self._linger_s if self._busy else 0.0
+            return self._rate_linger_s, math.inf
+        return (self._linger_s if self._busy else 0.0), math.inf
+
+    async def _wait_for_company(self, linger: float, quiet: float) -> None:
+        """Wait until the next message is full, ``linger`` has passed, or no request has come for ``quiet``."""
+        deadline = time.monotonic() + linger
+        while self._queued_events < self._max_events and not self._closing:
+            until = min(deadline, self._last_arrival + quiet)
+            wait = until - time.monotonic()
+            if wait <= 0:
+                return
+            # asyncio.timeout(), not wait_for(): no task per wait. Requests that arrive meanwhile move the
+            # quiet limit on; the loop takes it up when this wait ends.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._full.wait()
 
     async def _publish(self, batch: list[_Pending]) -> int:
         """Write the batch's events that are new, in one message; settle the statuses of the others."""

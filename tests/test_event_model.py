@@ -169,6 +169,39 @@ def test_the_publisher_fills_messages_only_while_the_queue_has_a_backlog() -> No
     assert len(behind) <= 2, behind
 
 
+def test_the_backlog_linger_ends_once_requests_stop_coming() -> None:
+    """With a backlog, a message waits for company, but only while requests keep coming: a burst of requests
+    whose clients wait for their answers (a few connections sending batches) is sent once none has come for
+    the busy linger, not after the whole backlog linger; requests that keep coming keep filling it."""
+
+    async def run(every_s: float, count: int) -> tuple[list[int], float]:
+        sizes: list[int] = []
+
+        async def redis(message: dict[str, Any], marks: list[object]) -> list[str]:
+            sizes.append(len(marks))
+            return []
+
+        publisher = BatchingPublisher(redis, max_events=100, linger_s=0.03, deadline_s=5,
+                                      backlog_linger_s=0.6, backlogged=lambda: True)  # fmt: skip
+        publisher.start()
+        started = time.monotonic()
+        tasks = []
+        for i in range(count):
+            tasks.append(asyncio.create_task(publisher.submit([{"event_id": f"b{i}"}], ["f"], f"r{i}")))
+            await asyncio.sleep(every_s)
+        await asyncio.gather(*tasks)
+        took = time.monotonic() - started
+        await publisher.close()
+        return sizes, took
+
+    burst, burst_s = asyncio.run(run(0, 4))
+    assert burst == [4]
+    assert burst_s < 0.3, f"a burst waited {burst_s:.2f} s: the whole backlog linger, not the quiet gap"
+    steady, _ = asyncio.run(run(0.01, 20))  # a request every 10 ms (< the 30 ms quiet gap) for 0.2 s
+    assert sum(steady) == 20
+    assert len(steady) <= 2, steady
+
+
 def test_the_publisher_fills_messages_while_requests_arrive_fast_and_never_waits_when_they_do_not() -> None:
     """The rate linger: requests about 1 ms apart share messages once the publisher has seen the rate; requests
     30 ms apart, and the first one after a pause, go out at once, each in its own message."""
