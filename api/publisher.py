@@ -165,9 +165,10 @@ class BatchingPublisher:
         # Bounded from the request's arrival, not from its publish: while every slot is held by a publish to a
         # Redis that does not answer (a primary cut off from the network), requests waiting for a slot would
         # otherwise wait for one whole publish deadline and then their own. One timer, not wait_for() around a
-        # shield(): those cost a request three futures and their callbacks (a tenth of the API's CPU per single
-        # request in its profile). A request whose task is cancelled cancels only its own future: the message it
-        # shares with other requests is still published.
+        # shield(): those cost a request three futures and their callbacks (wait_for was 6-9 % of the API's
+        # profile at 1,000 single requests/s, though an A/B could not tell the change from the machine's noise).
+        # A request whose task is cancelled cancels only its own future: the message it shares with other
+        # requests is still published.
         item.timer = asyncio.get_running_loop().call_later(self._deadline_s, self._expire, item)
         return await item.done
 
@@ -256,8 +257,8 @@ class BatchingPublisher:
         per request would keep it behind (measured: workers behind at 260 single events/s, not at 1,100/s,
         where messages filled). It ends once no request has come for the busy linger: clients that wait for
         their answers before sending more (a few connections sending batches) have all sent theirs, and
-        waiting on would only delay them (four connections of 100-event batches: 22,000 events/s with the
-        whole 10 ms, against the API's CPU limit with this rule; docs/performance.md). Fast (requests at most
+        waiting on would only delay them (four connections of 100-event batches, workers paused: 22,000
+        events/s with the whole 10 ms, 33,000 with this rule; docs/performance.md). Fast (requests at most
         half the rate linger apart, so at least two would join): the rate linger; Redis runs and fsyncs one
         script per message, so fuller messages cost it less per request (at 1,000 requests/s, 8 ms against
         none: -26 %), and a request waits at most that long. Busy (the last message was shared): a moment
