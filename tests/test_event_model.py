@@ -6,17 +6,19 @@ import asyncio
 import contextlib
 import ssl
 import time
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from cassandra.query import UNSET_VALUE
 
-from api.publisher import BatchingPublisher, Overloaded, PublishError
+from api.publisher import BatchingPublisher, EnqueueFn, Overloaded, PublishError
 from sluice.cassandra import EVENT_COLUMNS
 from sluice.events import EVENT_ADAPTER, BookingEvent, ViewEvent, queued_form, validate_event
 from sluice.eventtypes import TYPE_FIELDS
 from sluice.marks import NEW
+from sluice.message import Message
 from sluice.queue import make_celery
 from sluice.settings import Settings
 from tests.support import booking, view
@@ -135,17 +137,23 @@ def test_the_publisher_holds_a_bounded_number_of_events() -> None:
     asyncio.run(run())
 
 
+def _recording_redis() -> tuple[list[int], EnqueueFn]:
+    """A publish that writes nothing and records how many events each message carried."""
+    sizes: list[int] = []
+
+    async def redis(message: Message, marks: Sequence[tuple[str, bytes]]) -> list[str]:
+        sizes.append(len(marks))
+        return []
+
+    return sizes, redis
+
+
 def test_the_publisher_fills_messages_only_while_the_queue_has_a_backlog() -> None:
     """One request at a time: a message each while workers keep up (no wait), one shared message while
     messages wait in the queue (the backlog linger), which is what lets workers catch up."""
 
     async def messages_for(backlogged: bool) -> tuple[list[int], float]:
-        sizes: list[int] = []
-
-        async def redis(message: dict[str, Any], marks: list[object]) -> list[str]:
-            sizes.append(len(marks))
-            return []
-
+        sizes, redis = _recording_redis()
         publisher = BatchingPublisher(redis, max_events=100, linger_s=0.5, deadline_s=5,
                                       backlog_linger_s=0.3, backlogged=lambda: backlogged)  # fmt: skip
         publisher.start()
@@ -175,12 +183,7 @@ def test_the_backlog_linger_ends_once_requests_stop_coming() -> None:
     the busy linger, not after the whole backlog linger; requests that keep coming keep filling it."""
 
     async def run(every_s: float, count: int) -> tuple[list[int], float]:
-        sizes: list[int] = []
-
-        async def redis(message: dict[str, Any], marks: list[object]) -> list[str]:
-            sizes.append(len(marks))
-            return []
-
+        sizes, redis = _recording_redis()
         publisher = BatchingPublisher(redis, max_events=100, linger_s=0.03, deadline_s=5,
                                       backlog_linger_s=0.6, backlogged=lambda: True)  # fmt: skip
         publisher.start()
@@ -207,12 +210,7 @@ def test_the_publisher_fills_messages_while_requests_arrive_fast_and_never_waits
     30 ms apart, and the first one after a pause, go out at once, each in its own message."""
 
     async def run() -> tuple[list[int], list[int], float]:
-        sizes: list[int] = []
-
-        async def redis(message: dict[str, Any], marks: list[object]) -> list[str]:
-            sizes.append(len(marks))
-            return []
-
+        sizes, redis = _recording_redis()
         publisher = BatchingPublisher(redis, max_events=1000, linger_s=0, deadline_s=5, rate_linger_s=0.05)
         publisher.start()
 
