@@ -2,12 +2,12 @@
 
 Each request hands its events to :class:`BatchingPublisher` and waits; one background loop gathers what
 arrived (while it is busy, waiting at most ``linger`` for more; while requests arrive fast, ``rate_linger``;
-while messages wait in the queue, up to ``backlog_linger``; and not at all once a message is full or when
-requests come one at a time to an idle queue: a quiet API never waits), writes the message and
-the events' queued marks to Redis in one script (:mod:`sluice.marks`), and only then wakes the waiting
-requests. Everything runs on the event loop (redis.asyncio), with no thread hop. So a request is answered 202
-only once its events and their marks are in Redis, and a request's events always travel in one message: all
-of them are queued, or none.
+while messages wait in the queue, up to ``backlog_linger``; and not at all once a message holds enough
+events, ``ENOUGH_EVENTS``, or when requests come one at a time to an idle queue: a quiet API never waits),
+writes the message and the events' queued marks to Redis in one script (:mod:`sluice.marks`), and only then
+wakes the waiting requests. Everything runs on the event loop (redis.asyncio), with no thread hop. So a request
+is answered 202 only once its events and their marks are in Redis, and a request's events always travel in one
+message: all of them are queued, or none.
 
 The script also decides "first write wins": an event whose id already has a mark is a duplicate (same
 fingerprint: answered as accepted, nothing new queued) or a conflict (another version: 409), and the message
@@ -97,6 +97,12 @@ class BatchingPublisher:
     #: Rounds of the script per message: each round settles at least one event, so this only bounds a
     #: pathological race between API processes re-posting the same ids.
     MAX_ROUNDS = 4
+    #: Events that make a message worth sending without waiting for company: from here on a worker and Redis pay
+    #: per event, not per message. Four connections of 100-event batches, workers paused (A/B, four rounds):
+    #: 19,700-26,400 events/s while each message waited out the linger for four requests, 26,900-33,200 sending
+    #: each at once (1.1 requests per message), and the workers drained those messages as fast
+    #: (docs/performance.md, seventh steps).
+    ENOUGH_EVENTS = 100
 
     def __init__(
         self,
@@ -113,6 +119,8 @@ class BatchingPublisher:
     ) -> None:
         self._enqueue = enqueue
         self._max_events = max_events
+        #: Gathered events that end any linger (the message is sent at once); at most a full message.
+        self._enough = min(max_events, self.ENOUGH_EVENTS)
         self._linger_s = linger_s
         self._backlog_linger_s = backlog_linger_s
         self._backlogged = backlogged
@@ -160,7 +168,7 @@ class BatchingPublisher:
         self._queue.append(item)
         self._queued_events += len(events)
         self._wakeup.set()
-        if self._queued_events >= self._max_events:
+        if self._queued_events >= self._enough:
             self._full.set()
         # Bounded from the request's arrival, not from its publish: while every slot is held by a publish to a
         # Redis that does not answer (a primary cut off from the network), requests waiting for a slot would
@@ -190,7 +198,7 @@ class BatchingPublisher:
             item.settle(error=PublishError(f"the queue did not confirm within {self._deadline_s} s", definite=False))
             return
         self._queued_events -= len(item.events)
-        if self._queued_events < self._max_events:
+        if self._queued_events < self._enough:
             self._full.clear()
         PUBLISH_FAILURES.labels("refused").inc()
         item.settle(error=PublishError(
@@ -215,7 +223,7 @@ class BatchingPublisher:
                 self._wakeup.clear()
                 continue
             linger, quiet = self._linger()
-            if linger > 0 and self._queued_events < self._max_events and not self._closing:
+            if linger > 0 and self._queued_events < self._enough and not self._closing:
                 await self._wait_for_company(linger, quiet)
             # Several messages may be in flight: while Redis runs one script (and fsyncs), this process goes on
             # reading and validating, and Redis fsyncs the scripts that arrive together once. With every slot
@@ -249,8 +257,8 @@ class BatchingPublisher:
                 item.settle([s or NEW for s in item.statuses])
 
     def _linger(self) -> tuple[float, float]:
-        """How long to wait for more requests to join the next message (it is sent early once full), and how
-        long without a new request ends that wait early (``inf``: it does not).
+        """How long to wait for more requests to join the next message (it is sent early once it holds
+        ``ENOUGH_EVENTS``), and how long without a new request ends that wait early (``inf``: it does not).
 
         Messages waiting in the queue (the workers are behind): the longer wait, hidden behind the queue's;
         a worker pays per message more than per event, so fuller messages let it catch up, where a message
@@ -270,9 +278,10 @@ class BatchingPublisher:
         return (self._linger_s if self._busy else 0.0), math.inf
 
     async def _wait_for_company(self, linger: float, quiet: float) -> None:
-        """Wait until the next message is full, ``linger`` has passed, or no request has come for ``quiet``."""
+        """Wait until the next message has enough events, ``linger`` has passed, or no request has come for
+        ``quiet``."""
         deadline = time.monotonic() + linger
-        while self._queued_events < self._max_events and not self._closing:
+        while self._queued_events < self._enough and not self._closing:
             until = min(deadline, self._last_arrival + quiet)
             wait = until - time.monotonic()
             if wait <= 0:
@@ -342,7 +351,7 @@ class BatchingPublisher:
             taken.append(item)
             count += len(item.events)
         self._queued_events -= count
-        if self._queued_events < self._max_events:
+        if self._queued_events < self._enough:
             self._full.clear()
         if not self._queue:
             self._wakeup.clear()
