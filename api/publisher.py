@@ -133,7 +133,8 @@ class BatchingPublisher:
         self._queue: deque[_Pending] = deque()
         self._queued_events = 0
         self._wakeup = asyncio.Event()
-        self._full = asyncio.Event()
+        #: Set while ``_enough`` events wait: it ends a linger at once.
+        self._gathered = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         #: Messages on their way to Redis at once (each its own connection).
         self._slots = asyncio.Semaphore(concurrency)
@@ -169,7 +170,7 @@ class BatchingPublisher:
         self._queued_events += len(events)
         self._wakeup.set()
         if self._queued_events >= self._enough:
-            self._full.set()
+            self._gathered.set()
         # Bounded from the request's arrival, not from its publish: while every slot is held by a publish to a
         # Redis that does not answer (a primary cut off from the network), requests waiting for a slot would
         # otherwise wait for one whole publish deadline and then their own. One timer, not wait_for() around a
@@ -199,7 +200,7 @@ class BatchingPublisher:
             return
         self._queued_events -= len(item.events)
         if self._queued_events < self._enough:
-            self._full.clear()
+            self._gathered.clear()
         PUBLISH_FAILURES.labels("refused").inc()
         item.settle(error=PublishError(
             f"no connection to the queue was free within {self._deadline_s} s (publishes in flight are stalled)",
@@ -290,7 +291,7 @@ class BatchingPublisher:
             # quiet limit on; the loop takes it up when this wait ends.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
-                    await self._full.wait()
+                    await self._gathered.wait()
 
     async def _publish(self, batch: list[_Pending]) -> int:
         """Write the batch's events that are new, in one message; settle the statuses of the others."""
@@ -352,7 +353,7 @@ class BatchingPublisher:
             count += len(item.events)
         self._queued_events -= count
         if self._queued_events < self._enough:
-            self._full.clear()
+            self._gathered.clear()
         if not self._queue:
             self._wakeup.clear()
         return taken
