@@ -64,10 +64,10 @@ def docker(*args: str, timeout: float = 60) -> str:
 
 
 def freeze(containers: list[str], attempts: int = 5) -> None:
-    """``docker pause`` each container, retried: in one CI run, with the ring suite loading the host, pausing the
-    workers failed (exit 1; the daemon's words were not kept). The known intermittent cause is runc (cgroup v1)
-    giving up on a freeze that does not settle within its short loop, "unable to freeze", leaving the container
-    running (moby/moby#48205). All thawed again if one cannot be frozen at all."""
+    """``docker pause`` each container, retried. With the ring suite loading the host, runc (cgroup v1) can give
+    up on a freeze that does not settle within its short loop, "OCI runtime pause failed: unable to freeze",
+    and leave the container running (moby/moby#48205): it failed a CI run once, and a later run here logged it
+    and went on at the second attempt. All thawed again if one cannot be frozen at all."""
     done: list[str] = []
     try:
         for container in containers:
