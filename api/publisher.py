@@ -167,10 +167,8 @@ class BatchingPublisher:
         self._gap_s += 0.1 * (min(now - self._last_arrival, 1.0) - self._gap_s)
         self._last_arrival = now
         self._queue.append(item)
-        self._queued_events += len(events)
+        self._count(len(events))
         self._wakeup.set()
-        if self._queued_events >= self._enough:
-            self._gathered.set()
         # Bounded from the request's arrival, not from its publish: while every slot is held by a publish to a
         # Redis that does not answer (a primary cut off from the network), requests waiting for a slot would
         # otherwise wait for one whole publish deadline and then their own. One timer, not wait_for() around a
@@ -198,9 +196,7 @@ class BatchingPublisher:
             PUBLISH_FAILURES.labels("unknown").inc()
             item.settle(error=PublishError(f"the queue did not confirm within {self._deadline_s} s", definite=False))
             return
-        self._queued_events -= len(item.events)
-        if self._queued_events < self._enough:
-            self._gathered.clear()
+        self._count(-len(item.events))
         PUBLISH_FAILURES.labels("refused").inc()
         item.settle(error=PublishError(
             f"no connection to the queue was free within {self._deadline_s} s (publishes in flight are stalled)",
@@ -256,6 +252,14 @@ class BatchingPublisher:
                 PUBLISH_BATCH_EVENTS.observe(sent)
             for item in batch:
                 item.settle([s or NEW for s in item.statuses])
+
+    def _count(self, events: int) -> None:
+        """Add (negative: remove) events waiting to be published; ``_gathered`` says whether ``_enough`` wait."""
+        self._queued_events += events
+        if self._queued_events >= self._enough:
+            self._gathered.set()
+        else:
+            self._gathered.clear()
 
     def _linger(self) -> tuple[float, float]:
         """How long to wait for more requests to join the next message (it is sent early once it holds
@@ -351,9 +355,7 @@ class BatchingPublisher:
             item = self._queue.popleft()
             taken.append(item)
             count += len(item.events)
-        self._queued_events -= count
-        if self._queued_events < self._enough:
-            self._gathered.clear()
+        self._count(-count)
         if not self._queue:
             self._wakeup.clear()
         return taken
