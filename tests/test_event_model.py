@@ -211,21 +211,31 @@ def test_a_message_with_enough_events_waits_for_no_company() -> None:
     each waited out the lingers, four requests to a message: 19,700-26,400 events/s against 26,900-33,200.)"""
     enough = BatchingPublisher.ENOUGH_EVENTS
 
-    async def run(count: int) -> tuple[list[int], float]:
+    async def run(*counts: int) -> tuple[list[int], float]:
+        """Requests of ``counts`` events, 20 ms apart; how the messages came out, and when the last answer did."""
         sizes, redis = _recording_redis()
         publisher = BatchingPublisher(redis, max_events=5 * enough, linger_s=0.5, deadline_s=5,
                                       backlog_linger_s=0.5, backlogged=lambda: True)  # fmt: skip
         publisher.start()
         started = time.monotonic()
-        events = [{"event_id": f"e{i}"} for i in range(count)]
-        assert await publisher.submit(events, ["f"] * count, "r") == [NEW] * count
+        tasks = []
+        for r, count in enumerate(counts):
+            events = [{"event_id": f"r{r}e{i}"} for i in range(count)]
+            tasks.append(asyncio.create_task(publisher.submit(events, ["f"] * count, f"r{r}")))
+            await asyncio.sleep(0.02)
+        answers = await asyncio.gather(*tasks)
         took = time.monotonic() - started
         await publisher.close()
+        assert answers == [[NEW] * count for count in counts]
         return sizes, took
 
     sizes, took = asyncio.run(run(enough))
     assert sizes == [enough]
     assert took < 0.25, f"a message of {enough} events waited {took:.2f} s for company"
+    # A message already lingering is sent the moment a request brings it to enough.
+    sizes, took = asyncio.run(run(enough // 2, enough - enough // 2))
+    assert sizes == [enough]
+    assert took < 0.25, f"a message that reached {enough} events while it lingered waited {took:.2f} s"
     sizes, took = asyncio.run(run(enough - 1))
     assert sizes == [enough - 1]
     assert took >= 0.4, f"a smaller message went out after {took:.2f} s, not after the backlog linger"
