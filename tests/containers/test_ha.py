@@ -50,16 +50,19 @@ def record(name: str, figures: dict[str, Any]) -> None:
     say(f"{name}: {figures}")
 
 
+class DockerError(subprocess.CalledProcessError):
+    """A failed ``docker`` command that says what the daemon said (the exit status alone told a failed CI run
+    nothing). Still a ``CalledProcessError``: pollers such as :meth:`Queue.is_replica_of` catch those while a
+    node restarts."""
+
+    def __str__(self) -> str:
+        return f"docker {' '.join(self.cmd[1:])} failed ({self.returncode}): {str(self.stderr).strip()}"
+
+
 def docker(*args: str, timeout: float = 60) -> str:
     done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
-        # What the daemon said (e.g. a container restarting), and each container's state: the exit status alone
-        # told a failed CI run nothing.
-        states = subprocess.run(
-            ["docker", "ps", "-a", "--no-trunc", "--format", "{{.ID}} {{.Names}} {{.Status}}"],
-            capture_output=True, text=True, timeout=30,
-        ).stdout  # fmt: skip
-        raise AssertionError(f"docker {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}\n{states}")
+        raise DockerError(done.returncode, done.args, done.stdout, done.stderr)
     return done.stdout
 
 
@@ -75,11 +78,10 @@ def freeze(containers: list[str], attempts: int = 5) -> None:
                 try:
                     docker("pause", container)
                     break
-                except AssertionError as exc:
+                except DockerError as exc:
                     if attempt == attempts:
                         raise
-                    why = str(exc).splitlines()[0]
-                    say(f"ha: {why} (attempt {attempt} of {attempts}); again")
+                    say(f"ha: {exc} (attempt {attempt} of {attempts}); again")
                     time.sleep(0.5)
             done.append(container)
     except BaseException:
