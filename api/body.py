@@ -55,11 +55,7 @@ async def read_json(request: Request, max_bytes: int) -> Any:
 
     ``Content-Encoding: gzip`` bodies are accepted; both the compressed and the decompressed size are capped
     at ``max_bytes``, and checked while the body streams in."""
-    if not _is_json(request.headers.get("content-type")):
-        raise ApiError(415, "unsupported_media_type", "the request body must be JSON (Content-Type: application/json)")
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("identity", "gzip"):
-        raise ApiError(415, "unsupported_content_encoding", "Content-Encoding must be gzip or identity (none)")
+    encoding = json_encoding(request.headers.get("content-type"), request.headers.get("content-encoding"))
     inflater = _Inflater(max_bytes) if encoding == "gzip" else None
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
@@ -75,6 +71,33 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     if inflater is not None and size:
         inflater.finish()
     body = b"".join(chunks)
+    value = parse_json(body)
+    if value is REPEATS_KEYS:
+        # The slow, exact check: a 1 MiB body takes a CPU-bound while, so it runs off the event loop, and
+        # only a few at a time (others wait their turn instead of piling threads onto 2 cores).
+        async with _slow_path():
+            value = await asyncio.to_thread(_refuse_duplicate_keys, body)
+    return value
+
+
+def json_encoding(content_type: str | None, content_encoding: str | None) -> str:
+    """The body's encoding (``identity`` or ``gzip``) from its headers; 415 unless it is JSON in one of them."""
+    if not _is_json(content_type):
+        raise ApiError(415, "unsupported_media_type", "the request body must be JSON (Content-Type: application/json)")
+    encoding = "identity" if content_encoding is None else content_encoding.strip().lower()
+    if encoding not in ("identity", "gzip"):
+        raise ApiError(415, "unsupported_content_encoding", "Content-Encoding must be gzip or identity (none)")
+    return encoding
+
+
+#: What :func:`parse_json` returns for a body that may repeat a key in an object: only the slow check
+#: (:func:`_refuse_duplicate_keys`, off the event loop) can tell.
+REPEATS_KEYS: Any = object()
+
+
+def parse_json(body: bytes) -> Any:
+    """The decoded (whole, decompressed) body; 400 if it is empty or not JSON. :data:`REPEATS_KEYS` if it may
+    repeat a key: the caller then runs the slow check, which gives the value or the 400."""
     if not body:
         raise ApiError(400, "malformed_json", "the request body is empty; expected a JSON document")
     try:
@@ -82,10 +105,7 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, "malformed_json", f"the request body is not valid JSON: {exc}") from None
     if len(_KEY_TOKEN.findall(body)) != _count_keys(value):
-        # The slow, exact check: a 1 MiB body takes a CPU-bound while, so it runs off the event loop, and
-        # only a few at a time (others wait their turn instead of piling threads onto 2 cores).
-        async with _slow_path():
-            await asyncio.to_thread(_refuse_duplicate_keys, body)
+        return REPEATS_KEYS
     return value
 
 
@@ -104,10 +124,11 @@ def _slow_path() -> asyncio.Semaphore:
     return _SLOW_PATHS
 
 
-def _refuse_duplicate_keys(body: bytes) -> None:
-    """400 for ``{"a": 1, "a": 2}``: which value a parser keeps is up to the parser, so we keep neither.
+def _refuse_duplicate_keys(body: bytes) -> Any:
+    """400 for ``{"a": 1, "a": 2}``: which value a parser keeps is up to the parser, so we keep neither; else
+    the body's value.
 
-    Called only when the fast check (in :func:`read_json`) fails: if the body has exactly as many key tokens
+    Called only when the fast check (in :func:`parse_json`) fails: if the body has exactly as many key tokens
     as the parsed objects have keys, no key can have been repeated (a repeat collapses two tokens into one
     key). Otherwise parse again, slowly, to find the repeated key."""
 
@@ -120,7 +141,7 @@ def _refuse_duplicate_keys(body: bytes) -> None:
         return dict(pairs)
 
     try:
-        json.loads(body, object_pairs_hook=pairs_hook)
+        return json.loads(body, object_pairs_hook=pairs_hook)
     except RecursionError:
         raise ApiError(400, "malformed_json", "the request body is nested too deeply") from None
 

@@ -116,16 +116,23 @@ async def _authorize(
     return authorize(request, credentials.credentials if credentials else None)
 
 
-def bearer_token(request: Request) -> str | None:
+def bearer_token(header: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header, else None: what :data:`_bearer` reads, for the
     ingest fast path (api/ingest.py), which runs no dependencies."""
-    scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
+    scheme, token = get_authorization_scheme_param(header)
     return token if scheme.lower() == "bearer" and token else None
 
 
 def authorize(request: Request, token: str | None) -> str:
     """The caller's key id (also kept on ``request.state.key_id``); 401 without a valid key."""
-    key_id = _state(request).api_keys.identify(token) if token else None
+    key_id = key_of(_state(request).api_keys, token)
+    request.state.key_id = key_id
+    return key_id
+
+
+def key_of(api_keys: ApiKeys, token: str | None) -> str:
+    """The id of the API key ``token``; 401 if it names none."""
+    key_id = api_keys.identify(token) if token else None
     if key_id is None:
         raise ApiError(
             401,
@@ -133,7 +140,6 @@ def authorize(request: Request, token: str | None) -> str:
             "a valid API key is required: Authorization: Bearer <key>",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    request.state.key_id = key_id
     return key_id
 
 
@@ -178,8 +184,12 @@ def authorize_sdk(request: Request, header_key_id: str | None, body_key: object)
 
 def charge(request: Request, cost: int) -> None:
     """Charge ``cost`` units (events, or 1 for a read) to the caller's rate limit; 429 over it."""
-    resources = _state(request)
-    wait = resources.limiter.admit(request.state.key_id, cost)
+    charge_key(_state(request), request.state.key_id, cost)
+
+
+def charge_key(resources: Resources, key_id: str, cost: int) -> None:
+    """:func:`charge` for a key id: 429 if ``cost`` units are over its rate limit."""
+    wait = resources.limiter.admit(key_id, cost)
     if wait is not None:
         raise ApiError(
             429,
@@ -195,7 +205,11 @@ async def _charge_one(request: Request, _: Annotated[str, Depends(_authorize)]) 
 
 async def queue_has_room(request: Request) -> None:
     """503 ``queue_full`` while the queue is over its limit (ingest routes, before the body is read)."""
-    monitor = _state(request).monitor
+    check_room(_state(request).monitor)
+
+
+def check_room(monitor: QueueMonitor) -> None:
+    """:func:`queue_has_room`: 503 ``queue_full`` while the queue is over its limit."""
     retry = monitor.retry_after()
     if retry is not None:
         if monitor.memory_full:

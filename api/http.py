@@ -37,6 +37,7 @@ request fell 4 %: docs/performance.md, fourth steps.)
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any
@@ -44,7 +45,7 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from api.ingest import FastIngest, Handler, IngestRequest, record_http
+from api.ingest import SINGLE, FastIngest, Handler, IngestRequest, record_http
 from sluice.settings import get_settings
 
 log = logging.getLogger("sluice.api")
@@ -211,6 +212,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
         lane: object = self.cycle
         if type(lane) is _Lane:
+            ingest = self._ingest
+            assert ingest is not None
+            # A single event is answered without a task (FastIngest.start_single), unless it needs one.
+            if lane.path == SINGLE and ingest.start_single(
+                lane.headers, lane.body, functools.partial(self._finish, lane, time.perf_counter())
+            ):
+                return
             task = self.loop.create_task(self._serve(lane))
             task.add_done_callback(self.tasks.discard)  # the server waits for these on a graceful shutdown
             self.tasks.add(task)
@@ -248,7 +256,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         ``write``; then what uvicorn does once a response is complete."""
         assert self._ingest is not None
         started = time.perf_counter()
-        status = 500
+        status, headers, body = 500, [], b""
         try:
             scope: dict[str, Any] = {
                 "type": "http", "http_version": "1.1", "method": "POST", "scheme": self.scheme,
@@ -258,16 +266,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             }  # fmt: skip
             request = IngestRequest(scope, lane.receive)
             response = await self._ingest.respond(request, lane.path, lane.handler)
-            status = response.status_code
+            status, headers, body = response.status_code, response.raw_headers, response.body  # type: ignore[assignment]
+        finally:
+            self._finish(lane, started, status, headers, body)
+
+    def _finish(
+        self, lane: _Lane, started: float, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        """Write a lane's answer in one ``write`` (unless its client has gone), count it, and do what uvicorn
+        does once a response is complete. Never raises: it ends every lane, however its answer was made."""
+        try:
             if not lane.disconnected and not self.transport.is_closing():
                 head = [STATUS_LINE[status]]
-                for name, value in (*self.server_state.default_headers, *response.raw_headers):
+                for name, value in (*self.server_state.default_headers, *headers):
                     head += (name, b": ", value, b"\r\n")
                 if not lane.keep_alive:
                     head.append(b"connection: close\r\n")
                 head.append(b"\r\n")
-                head.append(response.body)  # type: ignore[arg-type]  # JSON: always bytes
+                head.append(body)
                 self.transport.write(b"".join(head))
+        except Exception:
+            log.exception("writing the answer to POST %s failed; closing the connection", lane.path)
+            lane.keep_alive = False
         finally:
             lane.response_complete = True
             record_http(lane.path, "POST", status, time.perf_counter() - started)

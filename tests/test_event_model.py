@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -389,6 +389,53 @@ def test_a_request_cancelled_while_it_waits_does_not_cancel_the_message_it_share
     answer, written = asyncio.run(run())
     assert answer == [NEW]
     assert written == [2]
+
+
+def test_a_request_submitted_without_a_task_hears_its_outcome_once() -> None:
+    """``submit_soon`` (the single-event lane's, api/ingest.py): its callback gets what ``submit`` would return
+    or raise, exactly once. The statuses when its message is written (here shared with an awaiting request);
+    the error at its deadline when the publish stalls, and nothing more when that publish lands after all;
+    a refusal raised at once, with no call."""
+
+    async def run() -> tuple[list[tuple[str, list[str], str]], list[str], list[int]]:
+        heard: list[tuple[str, list[str], str]] = []
+        written: list[int] = []
+        stalled = asyncio.Event()
+        release = asyncio.Event()
+
+        async def redis(message: object, marks: list[object]) -> list[str]:
+            while stalled.is_set() and not release.is_set():  # deaf to the publish's own deadline
+                with contextlib.suppress(asyncio.CancelledError):
+                    await release.wait()
+            written.append(len(marks))
+            return []
+
+        def hear(name: str) -> Callable[[list[str], PublishError | None], None]:
+            def settled(statuses: list[str], error: PublishError | None) -> None:
+                outcome = "ok" if error is None else ("refused" if error.definite else "unknown")
+                heard.append((name, statuses, outcome))
+
+            return settled
+
+        publisher = BatchingPublisher(redis, max_events=100, linger_s=0.05, deadline_s=0.3, max_pending_events=3)
+        publisher.start()
+        publisher._busy = True  # linger for company, so both requests share the next message
+        publisher.submit_soon([{"event_id": "a"}], ["f"], "r1", hear("a"))
+        shared = await publisher.submit([{"event_id": "b"}], ["f"], "r2")
+        stalled.set()
+        publisher.submit_soon([{"event_id": "c"}], ["f"], "r3", hear("c"))
+        await asyncio.sleep(0.5)  # past c's deadline
+        release.set()
+        await asyncio.sleep(0.1)  # the stalled publish lands: c has had its answer
+        with pytest.raises(Overloaded):
+            publisher.submit_soon([{"event_id": f"d{i}"} for i in range(4)], ["f"] * 4, "r4", hear("d"))
+        await publisher.close()
+        return heard, shared, written
+
+    heard, shared, written = asyncio.run(run())
+    assert shared == [NEW]
+    assert written == [2, 1], "a and b in one message; then c's, which landed late"
+    assert heard == [("a", [NEW], "ok"), ("c", [], "unknown")]
 
 
 def test_the_publisher_fails_fast_after_a_refusal_but_not_after_a_timeout() -> None:

@@ -23,6 +23,7 @@ from sluice.events import Event, FieldError, event_id_of, fingerprint, iso_utc_m
 from sluice.eventtypes import REGISTRY, TYPE_NAMES
 from sluice.marks import CONFLICT, NEW, parse_mark
 from sluice.metrics import ACCEPTED_BY_TYPE, REJECTED_BY_TYPE
+from sluice.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["events"], dependencies=[AUTHORIZED])
 
@@ -138,26 +139,57 @@ def conflict_error(loc: list[str | int], event_id: str) -> dict[str, Any]:
 
 async def queue_events(publisher: PublisherDep, queued: list[dict[str, Any]]) -> list[str]:
     """Queue the events (in their queued form) with their marks; one status per event (NEW, DUPLICATE or
-    CONFLICT). The one publish path of every ingest route (native and SDK): 503 or 504 as an
-    :class:`ApiError` when nothing, or maybe nothing, was queued."""
+    CONFLICT). The one publish path of every ingest route (native and SDK) but the single-event lane's
+    (api/ingest.py, which uses the pieces below): 503 or 504 as an :class:`ApiError` when nothing, or maybe
+    nothing, was queued."""
     fingerprints = [fingerprint(item) for item in queued]
     try:
         statuses = await publisher.submit(queued, fingerprints, correlation_id.get() or uuid.uuid4().hex)
-    except Overloaded as exc:
-        raise ApiError(503, "overloaded", f"{exc}; nothing was queued", headers={"Retry-After": "1"}) from None
-    except PublishError as exc:
-        if exc.definite:
-            raise ApiError(
-                503, "queue_unavailable", f"{exc}; nothing was queued", headers={"Retry-After": "1"}
-            ) from None
-        raise ApiError(
-            504, "queue_timeout", f"{exc}; the events may or may not be queued: retry with the same event ids",
-            headers={"Retry-After": "1"},
-        ) from None  # fmt: skip
+    except (Overloaded, PublishError) as exc:
+        raise publish_refused(exc) from None
+    count_accepted(queued, statuses)
+    return statuses
+
+
+def publish_refused(exc: Overloaded | PublishError) -> ApiError:
+    """What a client hears when its events were not queued (503) or may not have been (504)."""
+    if isinstance(exc, Overloaded):
+        return ApiError(503, "overloaded", f"{exc}; nothing was queued", headers={"Retry-After": "1"})
+    if exc.definite:
+        return ApiError(503, "queue_unavailable", f"{exc}; nothing was queued", headers={"Retry-After": "1"})
+    return ApiError(
+        504, "queue_timeout", f"{exc}; the events may or may not be queued: retry with the same event ids",
+        headers={"Retry-After": "1"},
+    )  # fmt: skip
+
+
+def count_accepted(queued: list[dict[str, Any]], statuses: list[str]) -> None:
+    """Count the newly queued events by type."""
+    if len(queued) == 1:  # a single event: no Counter
+        if statuses[0] == NEW:
+            ACCEPTED_BY_TYPE[queued[0]["type"]].inc()
+        return
     accepted = Counter(event["type"] for event, status in zip(queued, statuses, strict=True) if status == NEW)
     for kind, count in accepted.items():
         ACCEPTED_BY_TYPE[kind].inc(count)  # a validated event's type is a declared one
-    return statuses
+
+
+def single_event(raw: Any, settings: Settings) -> dict[str, Any]:
+    """A single event's queued form; 422 with what is wrong with it."""
+    event = validate_queued(raw, max_future_s=settings.max_clock_skew_s, retention_days=settings.retention_days)
+    if isinstance(event, list):
+        _count_rejected(raw)
+        raise ApiError(422, "invalid_event", "the event is invalid", [e.model_dump() for e in event])
+    return event
+
+
+def single_answer(event_id: str, status: str) -> JSONResponse:
+    """The 202 for a single event queued (or already queued with this content); 409 for another version."""
+    if status == CONFLICT:
+        raise ApiError(409, "conflict", f"event {event_id} is already queued with other content; the first "
+                       "version wins and nothing was queued", [conflict_error(["event_id"], event_id)])  # fmt: skip
+    result = {"index": 0, "event_id": event_id, "status": "accepted", "errors": []}
+    return JSONResponse({"accepted": 1, "rejected": 0, "results": [result]}, status_code=202)
 
 
 @router.post(
@@ -171,25 +203,13 @@ async def queue_events(publisher: PublisherDep, queued: list[dict[str, Any]]) ->
     operation_id="postEvent",
 )
 async def post_event(request: Request, settings: SettingsDep, publisher: PublisherDep) -> JSONResponse:
+    # The ingest lane (api/ingest.py, FastIngest.start_single) answers most single events with the same steps,
+    # without a task: keep the two in step.
     raw = await read_json(request, settings.max_body_bytes)
     charge(request, 1)
-    event = validate_queued(raw, max_future_s=settings.max_clock_skew_s, retention_days=settings.retention_days)
-    if isinstance(event, list):
-        _count_rejected(raw)
-        raise ApiError(422, "invalid_event", "the event is invalid", [e.model_dump() for e in event])
-    event_id = event["event_id"]
+    event = single_event(raw, settings)
     [status] = await queue_events(publisher, [event])
-    if status == CONFLICT:
-        raise ApiError(409, "conflict", f"event {event_id} is already queued with other content; the first "
-                       "version wins and nothing was queued", [conflict_error(["event_id"], event_id)])  # fmt: skip
-    return JSONResponse(
-        {
-            "accepted": 1,
-            "rejected": 0,
-            "results": [{"index": 0, "event_id": event_id, "status": "accepted", "errors": []}],
-        },
-        status_code=202,
-    )
+    return single_answer(event["event_id"], status)
 
 
 @router.post(
