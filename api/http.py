@@ -104,6 +104,21 @@ class _HeadWithBody:
         return self._transport.is_closing()
 
 
+#: uvicorn's default headers (``server``, ``date``), as written: (the list they came from, its bytes).
+_DEFAULT_HEAD: tuple[object, bytes] = (None, b"")
+
+
+def _default_head(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """uvicorn's default headers as they go into a response head; made again only when uvicorn makes a new
+    list (its ``date`` header, once a second)."""
+    global _DEFAULT_HEAD
+    made_from, head = _DEFAULT_HEAD
+    if made_from is not headers:
+        head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+        _DEFAULT_HEAD = (headers, head)
+    return head
+
+
 class _NoEvent:
     """What uvicorn sets on a cycle's ``message_event`` when the connection goes: a lane waits on nothing."""
 
@@ -277,8 +292,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         does once a response is complete. Never raises: it ends every lane, however its answer was made."""
         try:
             if not lane.disconnected and not self.transport.is_closing():
-                head = [STATUS_LINE[status]]
-                for name, value in (*self.server_state.default_headers, *headers):
+                head = [STATUS_LINE[status], _default_head(self.server_state.default_headers)]
+                for name, value in headers:
                     head += (name, b": ", value, b"\r\n")
                 if not lane.keep_alive:
                     head.append(b"connection: close\r\n")

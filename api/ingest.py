@@ -46,7 +46,7 @@ from api.errors import ApiError, error_response
 from api.publisher import BatchingPublisher, Overloaded, PublishError
 from api.routes import events
 from sluice.events import fingerprint
-from sluice.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from sluice.metrics import HTTP_LATENCY, HTTP_REQUESTS, TALLY
 from sluice.settings import Settings
 
 Handler = Callable[[Request, Settings, BatchingPublisher], Awaitable[Response]]
@@ -80,8 +80,8 @@ def record_http(handler: str, method: str, status: int, seconds: float) -> None:
     if children is None:
         labels = (handler, method, str(status))
         children = _CHILDREN[key] = (HTTP_REQUESTS.labels(*labels), HTTP_LATENCY.labels(*labels))
-    children[0].inc()
-    children[1].observe(seconds)
+    TALLY.inc(children[0])
+    TALLY.observe(children[1], seconds)
 
 
 class _Headers(Headers):

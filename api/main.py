@@ -32,7 +32,7 @@ from sluice import broker, keys
 from sluice.events import Event
 from sluice.logs import setup_logging
 from sluice.marks import AsyncMarks
-from sluice.metrics import mark_process_dead, registry
+from sluice.metrics import TALLY, Tally, mark_process_dead, registry
 from sluice.sdkmap import SdkMapping
 from sluice.settings import Settings, get_settings
 
@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         background = [
             asyncio.create_task(limiter.run(), name="sluice-ratelimit"),
             asyncio.create_task(monitor.run(), name="sluice-queue-monitor"),
+            asyncio.create_task(_flush_metrics(), name="sluice-metrics"),
         ]
         app.state.resources = Resources(
             settings=settings, publisher=publisher, cassandra=cassandra, redis=redis,
@@ -110,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await cassandra.close()
             await broker.aclose(redis)
             await broker.aclose(publish_redis)
+            TALLY.flush()
             mark_process_dead(os.getpid())
 
     app = FastAPI(
@@ -143,10 +145,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
     )
     def metrics() -> Response:
+        TALLY.flush()  # this process's counts so far; the others' flush every Tally.FLUSH_S
         return Response(generate_latest(registry()), media_type=CONTENT_TYPE_LATEST)
 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+async def _flush_metrics() -> None:
+    """Add the counts this process kept (sluice.metrics.Tally) to the shared metrics, every ``Tally.FLUSH_S``."""
+    while True:
+        await asyncio.sleep(Tally.FLUSH_S)
+        TALLY.flush()
 
 
 def serve(app: FastAPI, settings: Settings | None = None) -> ASGIApp:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from sluice import message
 from sluice.marks import CONFLICT, DUPLICATE, NEW, mark_value
 from sluice.message import JsonEvent, Message
-from sluice.metrics import PUBLISH_BATCH_EVENTS, PUBLISH_FAILURES
+from sluice.metrics import PUBLISH_BATCH_EVENTS, PUBLISH_FAILURES, TALLY
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ class BatchingPublisher:
             self._fail(batch, exc)
         else:
             if sent:
-                PUBLISH_BATCH_EVENTS.observe(sent)
+                TALLY.observe(PUBLISH_BATCH_EVENTS, sent)
             for item in batch:
                 item.settle([s or NEW for s in item.statuses])
 

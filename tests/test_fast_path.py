@@ -6,6 +6,7 @@ body's key count, which lets a body skip the slow duplicate-key parse, is exact.
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from typing import Any
 
@@ -148,6 +149,21 @@ def test_the_fast_path_takes_the_plain_form_clients_send() -> None:
         assert fast is not None, raw
         assert fast == model_queued(raw, context)
     assert _fast_queued(booking(total_price="0149.90"), context)["total_price"] == "149.90"  # type: ignore[index]
+
+
+def test_the_time_range_is_reused_for_a_moment_and_then_made_again() -> None:
+    """The API's bounds (latest allowed instant, retention's earliest) are shared for 50 ms, never longer."""
+    began = time.monotonic()
+    first = time_range(300, 0)
+    again = time_range(300, 0)
+    if time.monotonic() - began < 0.04:  # a stalled machine could take longer between the two calls
+        assert again is first
+    assert time_range(300, 30) is not first, "other settings, other bounds"
+    time.sleep(0.06)
+    later = time_range(300, 0)
+    assert later is not None
+    assert first is not None
+    assert later["latest"] > first["latest"]
 
 
 def test_what_the_fast_path_defers_gets_the_models_errors() -> None:

@@ -22,7 +22,7 @@ from sluice import keys
 from sluice.events import Event, FieldError, event_id_of, fingerprint, iso_utc_ms, time_range, validate_queued
 from sluice.eventtypes import REGISTRY, TYPE_NAMES
 from sluice.marks import CONFLICT, NEW, parse_mark
-from sluice.metrics import ACCEPTED_BY_TYPE, REJECTED_BY_TYPE
+from sluice.metrics import ACCEPTED_BY_TYPE, REJECTED_BY_TYPE, TALLY
 from sluice.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["events"], dependencies=[AUTHORIZED])
@@ -167,11 +167,11 @@ def count_accepted(queued: list[dict[str, Any]], statuses: list[str]) -> None:
     """Count the newly queued events by type."""
     if len(queued) == 1:  # a single event: no Counter
         if statuses[0] == NEW:
-            ACCEPTED_BY_TYPE[queued[0]["type"]].inc()
+            TALLY.inc(ACCEPTED_BY_TYPE[queued[0]["type"]])
         return
     accepted = Counter(event["type"] for event, status in zip(queued, statuses, strict=True) if status == NEW)
     for kind, count in accepted.items():
-        ACCEPTED_BY_TYPE[kind].inc(count)  # a validated event's type is a declared one
+        TALLY.inc(ACCEPTED_BY_TYPE[kind], count)  # a validated event's type is a declared one
 
 
 def single_event(raw: Any, settings: Settings) -> dict[str, Any]:
