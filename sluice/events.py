@@ -362,7 +362,10 @@ def iso_utc_ms(value: dt.datetime) -> str:
     """``2026-11-25T08:30:00.250Z``: UTC, milliseconds (an aware datetime, or a naive one meaning UTC)."""
     if value.tzinfo is not dt.UTC:  # validated events are in UTC already (see _in_time_range)
         value = value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
-    return value.isoformat(timespec="milliseconds")[:-6] + "Z"
+    # %-formatting, not isoformat(timespec=...): a third less time, and this runs once per event the API takes.
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (  # noqa: UP031
+        value.year, value.month, value.day, value.hour, value.minute, value.second, value.microsecond // 1000
+    )  # fmt: skip
 
 
 def fingerprint(queued: dict[str, Any]) -> str:

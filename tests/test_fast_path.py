@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from api.body import _count_keys
-from sluice.events import EVENT_ADAPTER, _fast_queued, queued_form, time_range, validate_queued
+from sluice.events import EVENT_ADAPTER, _fast_queued, iso_utc_ms, queued_form, time_range, validate_queued
 from tests.support import booking, view
 
 SEARCH = view(type="search") | {"query": "sea view", "result_count": 12}
@@ -164,6 +164,13 @@ def test_the_time_range_is_reused_for_a_moment_and_then_made_again() -> None:
     assert later is not None
     assert first is not None
     assert later["latest"] > first["latest"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.datetimes(min_value=dt.datetime(1970, 1, 2), timezones=st.none() | st.timezones()))
+def test_instants_are_written_as_isoformat_writes_them_in_utc(value: dt.datetime) -> None:
+    utc = value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+    assert iso_utc_ms(value) == utc.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def test_what_the_fast_path_defers_gets_the_models_errors() -> None:
