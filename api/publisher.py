@@ -93,7 +93,10 @@ class _Pending:
             return
         self.settled = True
         if self.on_settled is not None:
-            self.on_settled(statuses or [], error)
+            try:
+                self.on_settled(statuses or [], error)
+            except Exception:  # the other requests of its message still get their answers
+                log.exception("answering request %s failed", self.request_id)
             return
         assert self.done is not None
         if self.done.done():  # cancelled: its request went away

@@ -438,6 +438,28 @@ def test_a_request_submitted_without_a_task_hears_its_outcome_once() -> None:
     assert heard == [("a", [NEW], "ok"), ("c", [], "unknown")]
 
 
+def test_a_callback_that_fails_keeps_no_other_request_of_its_message_from_its_answer() -> None:
+    async def run() -> list[str]:
+        heard: list[str] = []
+
+        async def redis(message: object, marks: list[object]) -> list[str]:
+            return []
+
+        def broken(statuses: list[str], error: PublishError | None) -> None:
+            raise RuntimeError("the answer could not be written")
+
+        publisher = BatchingPublisher(redis, max_events=100, linger_s=0.05, deadline_s=0.3)
+        publisher.start()
+        publisher._busy = True  # linger for company, so both requests share the next message
+        publisher.submit_soon([{"event_id": "a"}], ["f"], "r1", broken)
+        publisher.submit_soon([{"event_id": "b"}], ["f"], "r2", lambda statuses, error: heard.extend(statuses))
+        await asyncio.sleep(0.2)
+        await publisher.close()
+        return heard
+
+    assert asyncio.run(run()) == [NEW]
+
+
 def test_the_publisher_fails_fast_after_a_refusal_but_not_after_a_timeout() -> None:
     """Redis refusing (away, full): the next requests are refused at once for a moment. Redis slow (a publish
     past its deadline): the next request still tries Redis."""
