@@ -184,7 +184,8 @@ def single_event(raw: Any, settings: Settings) -> dict[str, Any]:
 
 
 def single_answer(event_id: str, status: str) -> JSONResponse:
-    """The 202 for a single event queued (or already queued with this content); 409 for another version."""
+    """The 202 for a single event queued (or already queued with this content); an :class:`ApiError` (409) if
+    another version of it is queued."""
     if status == CONFLICT:
         raise ApiError(409, "conflict", f"event {event_id} is already queued with other content; the first "
                        "version wins and nothing was queued", [conflict_error(["event_id"], event_id)])  # fmt: skip
