@@ -217,11 +217,13 @@ def _failover(ha: Compose, queue: Queue, name: str, cut: str, session: Session) 
         time.sleep(10)
         workers, held = _hold_unacked(ha, queue, primary)
         say(f"ha: {cut} the primary ({primary}); the workers hold {len(held)} unacknowledged messages")
+        # Taken before the command, not after: the cut takes effect while it runs, and under load `docker kill`
+        # was seen to return 0.75 s after the API's first failed publish (which then fell outside the switch).
+        cut_at = time.monotonic()
         if cut == "kill":
             docker("kill", container)
         else:
             docker("network", "disconnect", queue.network, container)
-        cut_at = time.monotonic()
         others = set(NODES.values()) - {NODES[primary]}
         wait_until(lambda: queue.primary_ip() in others, 60, "the sentinels to promote a replica", every=0.2)
         promoted_at = time.monotonic()
