@@ -76,37 +76,24 @@ class _Pending:
     request_id: str
     #: One status per event once decided (NEW, DUPLICATE or CONFLICT).
     statuses: list[str | None]
-    #: Who hears the outcome, once: a callback (:meth:`BatchingPublisher.submit_soon`), else the future that
-    #: :meth:`BatchingPublisher.submit` awaits.
-    on_settled: Settled | None = None
-    done: asyncio.Future[list[str]] | None = None
+    #: Hears the outcome, once (:meth:`BatchingPublisher.submit` gives one that answers its future).
+    on_settled: Settled
     settled: bool = False
     #: Fires at the request's deadline; cancelled once it is answered.
     timer: asyncio.TimerHandle | None = None
 
     def settle(self, statuses: list[str] | None = None, error: PublishError | None = None) -> None:
-        """Answer the request (once: a later answer, or one to a request whose task was cancelled, is dropped)."""
+        """Answer the request (once: a later answer is dropped)."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         if self.settled:
             return
         self.settled = True
-        if self.on_settled is not None:
-            try:
-                self.on_settled(statuses or [], error)
-            except Exception:  # the other requests of its message still get their answers
-                log.exception("answering request %s failed", self.request_id)
-            return
-        assert self.done is not None
-        if self.done.done():  # cancelled: its request went away
-            return
-        if error is None:
-            self.done.set_result(statuses or [])
-        else:
-            self.done.set_exception(error)
-            # Mark retrieved: a request whose client went away never awaits it.
-            self.done.exception()
+        try:
+            self.on_settled(statuses or [], error)
+        except Exception:  # the other requests of its message still get their answers
+            log.exception("answering request %s failed", self.request_id)
 
 
 class BatchingPublisher:
@@ -176,7 +163,17 @@ class BatchingPublisher:
         A request whose task is cancelled cancels only its own future: the message it shares with other
         requests is still published."""
         done: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        self._admit(_Pending(events, fingerprints, request_id, [None] * len(events), done=done))
+
+        def settled(statuses: list[str], error: PublishError | None) -> None:
+            if done.done():  # cancelled: its request went away
+                return
+            if error is None:
+                done.set_result(statuses)
+            else:
+                done.set_exception(error)
+                done.exception()  # retrieved: a request whose client went away never awaits it
+
+        self.submit_soon(events, fingerprints, request_id, settled)
         return await done
 
     def submit_soon(
@@ -187,23 +184,20 @@ class BatchingPublisher:
         :class:`PublishError` or :class:`Overloaded` at once, as :meth:`submit` does, for a request refused
         before it waits. (The API's single-event lane, api/http.py: a task and its future per request were a
         tenth of the API's CPU.)"""
-        self._admit(_Pending(events, fingerprints, request_id, [None] * len(events), on_settled=on_settled))
-
-    def _admit(self, item: _Pending) -> None:
-        """Queue one request's events for the next message, with its deadline; or refuse it at once."""
         if self._closing:
             raise PublishError("the API is shutting down", definite=True)
         if time.monotonic() < self._unavailable_until:
             raise PublishError(f"the queue is unavailable: {self._last_error}", definite=True)
-        if self._queued_events + len(item.events) > self._max_pending:
+        if self._queued_events + len(events) > self._max_pending:
             raise Overloaded(f"{self._queued_events} events already wait to be queued by this API process")
         now = time.monotonic()
         # A tenth of each new gap (at most 1 s): a burst is seen within a few dozen requests, and one pause of
         # a few tens of milliseconds ends it.
         self._gap_s += 0.1 * (min(now - self._last_arrival, 1.0) - self._gap_s)
         self._last_arrival = now
+        item = _Pending(events, fingerprints, request_id, [None] * len(events), on_settled)
         self._queue.append(item)
-        self._count(len(item.events))
+        self._count(len(events))
         self._wakeup.set()
         # Bounded from the request's arrival, not from its publish: while every slot is held by a publish to a
         # Redis that does not answer (a primary cut off from the network), requests waiting for a slot would
