@@ -166,8 +166,7 @@ class FastIngest:
                 found[name] = value
         if b"content-encoding" in found:
             return False
-        presented = found.get(b"x-request-id")
-        request_id = _request_id(presented.decode("latin-1") if presented is not None else None)
+        request_id = _request_id(_text(found.get(b"x-request-id")))
         resources: Resources = self.app.state.resources
         token = correlation_id.set(request_id)
 
@@ -192,8 +191,7 @@ class FastIngest:
             answer(response)
 
         try:
-            authorization = found.get(b"authorization")
-            key_id = key_of(resources.api_keys, bearer_token(_text(authorization)))
+            key_id = key_of(resources.api_keys, bearer_token(_text(found.get(b"authorization"))))
             check_room(resources.monitor)
             json_encoding(_text(found.get(b"content-type")), None)
             raw = parse_json(body)
