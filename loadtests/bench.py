@@ -269,7 +269,9 @@ class Bench:
         once; so, as a JVM benchmark's warm-up iterations do, this runs the load until a 10 s slice costs the
         compilers under ``--jit-quiet`` of a core. What they still use in a phase is reported beside it."""
         a = self.args
-        started, slices, accepted = time.monotonic(), [], []
+        started = time.monotonic()
+        slices: list[float] = []
+        accepted: list[Accepted] = []
         if a.jit_warm_s <= 0:
             return {"seconds": 0.0, "slices_jit_cores": slices}
         say(f"warm-up: {a.cpu_rate:g} single events/s in {slice_s:g} s slices until Cassandra's JIT compilers use "
