@@ -92,11 +92,17 @@ class Load:
         )
 
 
+#: The load process's first line: its schedule has started.
+_STARTED = "started"
+
+
 class SteadyLoad:
     """Posts fresh events at ``rate`` requests per second, every ``batch_every``-th request a batch.
 
     The requests go out from a child process (``python -m tests.containers.load``): with a GIL of its own, the
     schedule is not held up by the Cassandra driver's threads of the test, which read and sample meanwhile.
+    Entering waits until its schedule has started (the child says so on its first line): on a busy machine
+    its imports took seconds, which a test's timeline (so many seconds of load, then a fault) must not lose.
     Closing its stdin stops it; it then waits for the requests in flight and prints what happened as JSON.
     """
 
@@ -110,6 +116,9 @@ class SteadyLoad:
             [sys.executable, "-m", "tests.containers.load", *self.args],
             cwd=PROJECT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
+        assert self._proc.stdout is not None
+        first = self._proc.stdout.readline()
+        assert first == f"{_STARTED}\n", f"the load process did not start: {first!r}"
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -117,7 +126,13 @@ class SteadyLoad:
 
     def stop(self) -> Load:
         if self._proc is not None:
-            out, _ = self._proc.communicate(timeout=60)
+            # Not communicate(): the first line was read through the same buffered stdout.
+            assert self._proc.stdin is not None
+            assert self._proc.stdout is not None
+            self._proc.stdin.close()
+            with self._proc.stdout:
+                out = self._proc.stdout.read()
+            self._proc.wait(timeout=60)
             assert self._proc.returncode == 0, f"the load process failed ({self._proc.returncode})"
             self.load = Load.from_json(out)
             self._proc = None
@@ -195,6 +210,7 @@ class _Generator:
         queue: asyncio.Queue[list[dict[str, Any]] | None] = asyncio.Queue()
         senders = [asyncio.create_task(self._sender(queue)) for _ in range(self.CONNECTIONS)]
         started, sent, made = time.monotonic(), 0, 0
+        print(_STARTED, flush=True)
         while not self._stop.is_set():
             # Open loop: requests are due on schedule whether or not earlier ones were answered.
             due = int((time.monotonic() - started) * self.rate)
