@@ -32,6 +32,7 @@ from cassandra.query import UNSET_VALUE, BatchStatement, BatchType, BoundStateme
 from sluice.cassandra import Store, ttl_s, write_timestamp_us
 from sluice.events import fingerprint
 from sluice.eventtypes import layouts
+from worker.binding import RowBinder
 
 #: Rows per unlogged batch: about 4 KiB of views, under Cassandra's default batch size warning (5 KiB).
 ROWS_PER_BATCH = 20
@@ -130,6 +131,7 @@ class EventWriter:
     def __init__(self, store: Store, concurrency: int) -> None:
         self.store = store
         self.concurrency = concurrency
+        self._by_listing = RowBinder(store.insert_by_listing)
 
     def write(self, rows: Sequence[Row], accepted_at: dt.datetime | None = None) -> WriteOutcome:
         """Store the events unless another version is stored; safe to call again with any of them.
@@ -165,9 +167,9 @@ class EventWriter:
             return {}
         # Both tables take the same values in the same order: serialize each row once, for both statements.
         # Each row's TTL counts from its event's time (sluice.cassandra.ttl_s): 0, no TTL, without retention.
-        statement, retention_s, now_us = self.store.insert_by_listing, self.store.retention_s, time.time_ns() // 1000
+        bind, retention_s, now_us = self._by_listing.bind, self.store.retention_s, time.time_ns() // 1000
         by_listing = [
-            statement.bind(
+            bind(
                 (
                     *row.values,
                     row.accepted_at or accepted_at,
