@@ -80,10 +80,11 @@ class Settings(BaseSettings):
     #: event, so they catch up.
     publish_backlog_linger_ms: float = Field(default=10.0, ge=0)
     #: How long the API waits to fill a message while requests arrive fast (at most half this apart, smoothed:
-    #: with 8 ms, from 250 requests/s per API process), in milliseconds: Redis pays per message, so fuller
-    #: messages cost it less per request, and a request waits at most this long. Slower traffic never waits
-    #: for it; 0 turns it off.
-    publish_rate_linger_ms: float = Field(default=8.0, ge=0, le=1000)
+    #: with 16 ms, from 125 requests/s per API process), in milliseconds: Redis, the API's publish and the
+    #: worker pay per message, so fuller messages cost them less per request, and a request waits at most this
+    #: long. 16 against 8 at 1,000 requests/s: Redis -26 %, API -12 %, worker -11 % CPU per request, p50 8.5 ->
+    #: 13.4 ms (docs/performance.md, tenth steps). Slower traffic never waits for it; 0 turns it off.
+    publish_rate_linger_ms: float = Field(default=16.0, ge=0, le=1000)
     #: Messages one API process may have on their way to Redis at once: it goes on validating while Redis
     #: runs a script and fsyncs, and Redis fsyncs scripts that arrive together once.
     publish_concurrency: int = Field(default=4, ge=1, le=64)
