@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     #: How long the API waits to fill a message while requests arrive fast (at most half this apart, smoothed:
     #: with 16 ms, from 125 requests/s per API process), in milliseconds: Redis, the API's publish and the
     #: worker pay per message, so fuller messages cost them less per request, and a request waits at most this
-    #: long. 16 against 8 at 1,000 requests/s: Redis -26 %, API -12 %, worker -11 % CPU per request, p50 8.5 ->
+    #: long. 16 against 8 at 1,000 requests/s: Redis -26 %, API -12 %, worker -11 % CPU per request, p50 8.4 ->
     #: 13.4 ms (docs/performance.md, tenth steps). Slower traffic never waits for it; 0 turns it off.
     publish_rate_linger_ms: float = Field(default=16.0, ge=0, le=1000)
     #: Messages one API process may have on their way to Redis at once: it goes on validating while Redis
